@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each sets itself up.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-done
+
+.PHONY: setup demo test bench collect lint clean
+
+setup: $(STAMP)
+
+# Re-runs only when pyproject.toml changes, so a second `make setup` takes well under a second.
+# torch goes first, pinned: the CPU build from local disk; the project's range then admits it.
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required, found " + sys.version)'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[metaworld,dev]"
+	@touch $(STAMP)
+
+demo: setup
+	$(PY) scripts/demo.py
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) scripts/bench.py
+
+collect: setup
+	$(PY) scripts/collect.py --suite tabletop --episodes-per-task 50 --noise 0.0 0.1 0.3
+
+lint: setup
+	$(PY) -m ruff check adamoe envs policies scripts tests
+	$(PY) -m ruff format --check adamoe envs policies scripts tests
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

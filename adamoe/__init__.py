@@ -1,0 +1,1 @@
+"""Generic model surgery for Mixture-of-Experts policies (torch only)."""

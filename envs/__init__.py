@@ -1,0 +1,42 @@
+"""MuJoCo + Gymnasium environments, scripted experts and demonstration datasets (no torch).
+
+``import envs`` registers every env id with Gymnasium (see ``envs.registration``).
+"""
+
+from envs.rendering import ensure_gl_backend
+
+ensure_gl_backend()  # before anything imports mujoco
+
+from envs.experts import ScriptedExpert, TabletopExpert, make_expert  # noqa: E402
+from envs.locomotion import LOCOMOTION, get_locomotion, make_locomotion_env, normalized_score  # noqa: E402
+from envs.meta_world import METAWORLD_INSTRUCTIONS, MT10, MetaWorldEnv  # noqa: E402
+from envs.registration import SUITES, make_vector_env, register_envs, resolve_env_ids, suite  # noqa: E402
+from envs.tabletop import CAMERAS, TabletopEnv  # noqa: E402
+from envs.tasks import TASK_LIST, TASKS, SceneState, Task, get_task  # noqa: E402
+
+register_envs()
+
+__all__ = [
+    "CAMERAS",
+    "LOCOMOTION",
+    "METAWORLD_INSTRUCTIONS",
+    "MT10",
+    "SUITES",
+    "TASKS",
+    "TASK_LIST",
+    "MetaWorldEnv",
+    "SceneState",
+    "ScriptedExpert",
+    "TabletopEnv",
+    "TabletopExpert",
+    "Task",
+    "get_locomotion",
+    "get_task",
+    "make_expert",
+    "make_locomotion_env",
+    "make_vector_env",
+    "normalized_score",
+    "register_envs",
+    "resolve_env_ids",
+    "suite",
+]

@@ -1,0 +1,1 @@
+"""Policy models (VLA, Decision Transformer), their training, evaluation and control loop."""
