@@ -13,10 +13,12 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
+import h5py
 import minari
 import numpy as np
 from minari.data_collector import EpisodeBuffer
@@ -55,7 +57,9 @@ def write_dataset(
 
     ``episode_metadata`` holds one flat dict per episode (task, instruction, noise...),
     stored as the episode's attributes and read back by :func:`episode_metadata`.
-    ``jpeg`` trades exact pixels for ~10x smaller files (Minari's own default is lossy).
+    Images are stored exactly, gzip-compressed inside HDF5 (any HDF5 reader, Minari's
+    included, decompresses them transparently); ``jpeg=True`` selects Minari's own lossy
+    JPEG encoding instead.
     """
     minari.dataset.minari_dataset.parse_dataset_id(dataset_id)  # raises on a malformed id
     if len(episodes) != len(episode_metadata):
@@ -86,7 +90,8 @@ def write_dataset(
                 "requirements": [f"mujoco=={importlib.metadata.version('mujoco')}"],
             }
         )
-        storage.update_episodes(list(episodes))
+        with _gzip_images():
+            storage.update_episodes(list(episodes))
         storage.update_episode_metadata([dict(m) for m in episode_metadata])
         if final.exists():
             trash = final.parent / f"{TMP_PREFIX}{final.name}-old-{uuid.uuid4().hex[:8]}"
@@ -99,6 +104,28 @@ def write_dataset(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return minari.MinariDataset(final / "data")
+
+
+@contextmanager
+def _gzip_images(level: int = 4):
+    """Have Minari's writer gzip every image array (uint8, 4-d) it creates.
+
+    Minari writes arrays uncompressed; 64x64 renders of the tabletop compress ~40x
+    losslessly at gzip level 4 and read back as fast as raw (measured), which turns a
+    1.2 GB demo collection into ~30 MB. The patch lives only for one write.
+    """
+    original = h5py.Group.create_dataset
+
+    def create_dataset(self, name, shape=None, dtype=None, data=None, **kwds):
+        if isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 4 and "compression" not in kwds:
+            kwds.update(compression="gzip", compression_opts=level)
+        return original(self, name, shape, dtype, data, **kwds)
+
+    h5py.Group.create_dataset = create_dataset
+    try:
+        yield
+    finally:
+        h5py.Group.create_dataset = original
 
 
 def remove_stale_tmp(root: str | os.PathLike | None = None) -> int:
@@ -149,5 +176,4 @@ def episode_metadata(dataset: minari.MinariDataset) -> list[dict[str, Any]]:
 def iter_episodes(dataset: minari.MinariDataset) -> Iterator[tuple[Any, dict[str, Any]]]:
     """(EpisodeData, metadata) pairs in episode order."""
     metas = episode_metadata(dataset)
-    for episode, meta in zip(dataset.iterate_episodes(), metas):
-        yield episode, meta
+    yield from zip(dataset.iterate_episodes(), metas, strict=True)

@@ -201,11 +201,14 @@ def make_expert(env_id: str, noise: float = 0.0, random_action_prob: float = 0.0
     if env_id.startswith(TABLETOP_PREFIX):
         from envs.tasks import get_task
 
-        return TabletopExpert(get_task(env_id[len(TABLETOP_PREFIX) :].removesuffix("-v0")), noise, random_action_prob, seed)
+        return TabletopExpert(
+            get_task(env_id[len(TABLETOP_PREFIX) :].removesuffix("-v0")), noise, random_action_prob, seed
+        )
     if env_id.startswith(METAWORLD_PREFIX):
         from envs.meta_world import MetaWorldExpert
 
         return MetaWorldExpert(env_id[len(METAWORLD_PREFIX) :], noise, random_action_prob, seed)
     raise ValueError(
-        f"no scripted expert for {env_id!r}; experts exist for {TABLETOP_PREFIX}<Task>-v0 and {METAWORLD_PREFIX}<task-name> ids"
+        f"no scripted expert for {env_id!r}; experts exist for "
+        f"{TABLETOP_PREFIX}<Task>-v0 and {METAWORLD_PREFIX}<task-name> ids"
     )

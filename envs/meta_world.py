@@ -170,7 +170,11 @@ class MetaWorldEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
         self._inner.seed(int(self.np_random.integers(2**31 - 1)))
+        # Meta-World's reset settles the hand by simulating from wherever the last episode
+        # left it; starting from clean data makes a reset a function of the seed alone.
+        mujoco.mj_resetData(self._inner.model, self._inner.data)
         state, _ = self._inner.reset()
+        mujoco.mj_forward(self._inner.model, self._inner.data)  # reset moves goal sites after its last forward
         self._state = state
         return self._observation(), {"is_success": False, "instruction": self.instruction, "task": self.task}
 

@@ -82,9 +82,7 @@ def make_vector_env(
     if num_envs_per_task < 1:
         raise ValueError(f"num_envs_per_task must be >= 1, got {num_envs_per_task}")
     ids = resolve_env_ids(env_ids)
-    fns: list[Callable[[], gym.Env]] = [
-        _maker(env_id, kwargs) for env_id in ids for _ in range(num_envs_per_task)
-    ]
+    fns: list[Callable[[], gym.Env]] = [_maker(env_id, kwargs) for env_id in ids for _ in range(num_envs_per_task)]
     if asynchronous and len(fns) > 1:
         # Gymnasium's shared-memory transport garbles Text spaces (every string comes back as
         # "aaa..."), so observations travel through the pipes; spawn, because a forked

@@ -102,7 +102,7 @@ class CameraRenderer:
         if self._gl is None:
             raise RuntimeError("this CameraRenderer is closed")
         self._gl.make_current()
-        for cam, rect in zip(self._cams, self._rects):
+        for cam, rect in zip(self._cams, self._rects, strict=True):
             mujoco.mjv_updateScene(
                 self._model, data, self._option, self._perturb, cam, mujoco.mjtCatBit.mjCAT_ALL, self._scene
             )

@@ -104,9 +104,7 @@ class TabletopEnv(gym.Env):
         obs_spaces: dict[str, spaces.Space] = {}
         if self.cameras:
             h, w = self.image_size
-            obs_spaces["pixels"] = spaces.Dict(
-                {c: spaces.Box(0, 255, (h, w, 3), dtype=np.uint8) for c in self.cameras}
-            )
+            obs_spaces["pixels"] = spaces.Dict({c: spaces.Box(0, 255, (h, w, 3), dtype=np.uint8) for c in self.cameras})
         obs_spaces["agent_pos"] = spaces.Box(-np.inf, np.inf, (AGENT_DIM,), dtype=np.float32)
         obs_spaces["environment_state"] = spaces.Box(-np.inf, np.inf, (STATE_DIM,), dtype=np.float32)
         obs_spaces["instruction"] = spaces.Text(INSTRUCTION_MAX_LENGTH, charset=INSTRUCTION_CHARSET)
@@ -124,9 +122,9 @@ class TabletopEnv(gym.Env):
         m, d = self.model, self.data
         mujoco.mj_resetData(m, d)
 
-        for body, (xr, yr) in zip(self._pad_body, (PAD_REGIONS[p] for p in PADS)):
+        for body, (xr, yr) in zip(self._pad_body, (PAD_REGIONS[p] for p in PADS), strict=True):
             m.body_pos[body][:2] = rng.uniform(xr[0], xr[1]), rng.uniform(yr[0], yr[1])
-        for adr, xy in zip(self._cube_qpos, _separated_points(rng, len(CUBES))):
+        for adr, xy in zip(self._cube_qpos, _separated_points(rng, len(CUBES)), strict=True):
             yaw = rng.uniform(-0.3, 0.3)
             d.qpos[adr : adr + 3] = (*xy, CUBE_HALF)
             d.qpos[adr + 3 : adr + 7] = (np.cos(yaw / 2), 0.0, 0.0, np.sin(yaw / 2))

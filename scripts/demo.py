@@ -57,9 +57,8 @@ def to_markdown(rows: list[dict]) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(
-            f"| {r['task']} | {r['episodes']} | {100 * r['success_rate']:.0f}% | {r['mean_length']:.0f} | {r['max_steps']} |"
-        )
+        success, length = 100 * r["success_rate"], r["mean_length"]
+        lines.append(f"| {r['task']} | {r['episodes']} | {success:.0f}% | {length:.0f} | {r['max_steps']} |")
     mean = float(np.mean([r["success_rate"] for r in rows]))
     lines.append(f"| **mean** | {sum(r['episodes'] for r in rows)} | **{100 * mean:.1f}%** | | |")
     return "\n".join(lines)
