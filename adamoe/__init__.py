@@ -1,1 +1,35 @@
-"""Generic model surgery for Mixture-of-Experts policies (torch only)."""
+"""Generic model surgery for Mixture-of-Experts policies (torch only).
+
+The AdaMoE layer (arXiv 2510.14300): a decoupled router (which experts) and scale
+adapter (how much), sparse dispatch backends, and upcycling of dense FFNs.
+"""
+
+from adamoe.config import MoEConfig
+from adamoe.dispatch import BACKENDS, dispatch, select_backend
+from adamoe.experts import FeedForward, GroupedExperts, ffn_weights
+from adamoe.moe import MoEFeedForward
+from adamoe.routers import TopKRouter, balance_loss, router_z_loss
+from adamoe.routing_stats import record_routing, reset_routing_stats, routing_stats
+from adamoe.upcycle import UpcycleReport, moe_aux_loss, moe_layers, router_parameters, upcycle
+
+__all__ = [
+    "BACKENDS",
+    "FeedForward",
+    "GroupedExperts",
+    "MoEConfig",
+    "MoEFeedForward",
+    "TopKRouter",
+    "UpcycleReport",
+    "balance_loss",
+    "dispatch",
+    "ffn_weights",
+    "moe_aux_loss",
+    "moe_layers",
+    "record_routing",
+    "reset_routing_stats",
+    "router_parameters",
+    "router_z_loss",
+    "routing_stats",
+    "select_backend",
+    "upcycle",
+]

@@ -1,0 +1,228 @@
+"""Expert feed-forward networks: reading a dense FFN, and E of them stacked for dispatch.
+
+Two FFN kinds cover the policies here and most transformers:
+- ``mlp``: ``down(act(up(x)))`` (GELU MLPs of ViT, GPT-2, pi0's early action experts);
+- ``gated``: ``down(act(gate(x)) * up(x))`` (SwiGLU/GeGLU of Llama, Gemma, pi0).
+Stacked weights are stored input-major, ``w_in (E, D, H)`` and ``w_out (E, H, D)``, the
+layout ``torch.nn.functional.grouped_mm`` consumes; a gated expert fuses gate and up into
+``w_in (E, D, 2H)`` so one matmul computes both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_tanh": partial(F.gelu, approximate="tanh"),
+    "silu": F.silu,
+    "relu": F.relu,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+}
+FFN_KINDS = ("mlp", "gated")
+
+# Child names of the FFN kinds we read, most specific first: (gate, up, down) and (up, down).
+GATED_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"), ("gate", "up", "down"))
+MLP_NAMES = (("fc1", "fc2"), ("up_proj", "down_proj"), ("linear1", "linear2"), ("w1", "w2"), ("fc_in", "fc_out"))
+ACTIVATION_ATTRS = ("act_fn", "act", "activation", "activation_fn", "act_layer")
+
+
+def activation_name(fn: Callable[[torch.Tensor], torch.Tensor]) -> str:
+    """Identify an activation callable by its values (module, function or HF activation)."""
+    x = torch.linspace(-6.0, 6.0, 481, dtype=torch.float64)
+    with torch.no_grad():
+        y = fn(x)
+    for name, ref in ACTIVATIONS.items():
+        if torch.allclose(y, ref(x), atol=1e-7, rtol=0):
+            return name
+    raise ValueError(f"unsupported activation {fn!r}; supported activations are {sorted(ACTIVATIONS)}")
+
+
+@dataclass
+class FFNWeights:
+    """A dense FFN's weights, input-major: ``w_in (D, H or 2H)``, ``w_out (H, D)``."""
+
+    kind: str
+    activation: str
+    w_in: torch.Tensor
+    b_in: torch.Tensor | None
+    w_out: torch.Tensor
+    b_out: torch.Tensor | None
+
+    @property
+    def dim(self) -> int:
+        return self.w_in.shape[0]
+
+    @property
+    def hidden(self) -> int:
+        return self.w_out.shape[0]
+
+
+def _linear(module: nn.Module, name: str) -> nn.Linear | None:
+    child = getattr(module, name, None)
+    return child if isinstance(child, nn.Linear) else None
+
+
+def _find_activation(module: nn.Module, skip: set[str]) -> str:
+    for attr in ACTIVATION_ATTRS:
+        fn = getattr(module, attr, None)
+        if callable(fn) and not isinstance(fn, nn.Linear):
+            return activation_name(fn)
+    for name, child in module.named_children():
+        if name not in skip and not isinstance(child, (nn.Linear, nn.Dropout, nn.Identity)):
+            return activation_name(child)
+    raise ValueError(f"could not find the activation of {type(module).__name__}; expected one of {ACTIVATION_ATTRS}")
+
+
+def _bias(linear: nn.Linear) -> torch.Tensor | None:
+    return None if linear.bias is None else linear.bias.detach().clone()
+
+
+def ffn_weights(module: nn.Module) -> FFNWeights:
+    """Read a dense FFN module (named children or an ``nn.Sequential``) into :class:`FFNWeights`."""
+    for gate_name, up_name, down_name in GATED_NAMES:
+        gate, up, down = (_linear(module, n) for n in (gate_name, up_name, down_name))
+        if gate is not None and up is not None and down is not None:
+            w_in = torch.cat([gate.weight.detach().T, up.weight.detach().T], dim=1)
+            biases = (_bias(gate), _bias(up))
+            b_in = (
+                None
+                if biases[0] is None and biases[1] is None
+                else torch.cat([b if b is not None else torch.zeros(gate.out_features) for b in biases])
+            )
+            act = _find_activation(module, {gate_name, up_name, down_name})
+            return FFNWeights("gated", act, w_in.clone(), b_in, down.weight.detach().T.clone(), _bias(down))
+    for up_name, down_name in MLP_NAMES:
+        up, down = _linear(module, up_name), _linear(module, down_name)
+        if up is not None and down is not None:
+            act = _find_activation(module, {up_name, down_name})
+            return FFNWeights(
+                "mlp", act, up.weight.detach().T.clone(), _bias(up), down.weight.detach().T.clone(), _bias(down)
+            )
+    if isinstance(module, nn.Sequential):
+        layers = [m for m in module if not isinstance(m, (nn.Dropout, nn.Identity))]
+        if len(layers) == 3 and isinstance(layers[0], nn.Linear) and isinstance(layers[2], nn.Linear):
+            up, down = layers[0], layers[2]
+            act = activation_name(layers[1])
+            return FFNWeights(
+                "mlp", act, up.weight.detach().T.clone(), _bias(up), down.weight.detach().T.clone(), _bias(down)
+            )
+    raise ValueError(
+        f"{type(module).__name__} is not a feed-forward network this library can read: expected children named "
+        f"{[n for n in GATED_NAMES]} (gated) or {[n for n in MLP_NAMES]} (MLP), or Sequential(Linear, act, Linear)"
+    )
+
+
+class FeedForward(nn.Module):
+    """A plain dense FFN of either kind, with the child names ``ffn_weights`` reads."""
+
+    def __init__(self, dim: int, hidden: int, kind: str = "mlp", activation: str = "gelu", bias: bool = True) -> None:
+        super().__init__()
+        if kind not in FFN_KINDS:
+            raise ValueError(f"FFN kind {kind!r} is not one of {FFN_KINDS}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
+        self.kind, self.activation = kind, activation
+        self.act_fn = ACTIVATIONS[activation]
+        if kind == "gated":
+            self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+            self.up_proj = nn.Linear(dim, hidden, bias=bias)
+            self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        else:
+            self.fc1 = nn.Linear(dim, hidden, bias=bias)
+            self.fc2 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "gated":
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return self.fc2(self.act_fn(self.fc1(x)))
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, activation={self.activation}"
+
+
+class GroupedExperts(nn.Module):
+    """E expert FFNs of one kind with stacked weights; ``forward_expert`` is the plain reference."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        dim: int,
+        hidden: int,
+        kind: str = "mlp",
+        activation: str = "gelu",
+        bias_in: bool = True,
+        bias_out: bool = True,
+    ) -> None:
+        super().__init__()
+        if kind not in FFN_KINDS:
+            raise ValueError(f"expert kind {kind!r} is not one of {FFN_KINDS}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
+        if num_experts < 1 or dim < 1 or hidden < 1:
+            raise ValueError(f"num_experts, dim and hidden must be >= 1, got {num_experts}, {dim}, {hidden}")
+        self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
+        self.kind, self.activation = kind, activation
+        width = 2 * hidden if kind == "gated" else hidden
+        self.w_in = nn.Parameter(torch.empty(num_experts, dim, width))
+        self.w_out = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.b_in = nn.Parameter(torch.zeros(num_experts, width)) if bias_in else None
+        self.b_out = nn.Parameter(torch.zeros(num_experts, dim)) if bias_out else None
+        nn.init.normal_(self.w_in, std=dim**-0.5)
+        nn.init.normal_(self.w_out, std=hidden**-0.5)
+        self._act = ACTIVATIONS[activation]
+
+    @classmethod
+    def from_ffn(
+        cls, weights: FFNWeights, num_experts: int, noise_std: float = 0.0, generator: torch.Generator | None = None
+    ) -> GroupedExperts:
+        """E copies of a dense FFN (upcycling), each perturbed by N(0, noise_std^2) if asked."""
+        experts = cls(
+            num_experts,
+            weights.dim,
+            weights.hidden,
+            weights.kind,
+            weights.activation,
+            bias_in=weights.b_in is not None,
+            bias_out=weights.b_out is not None,
+        ).to(device=weights.w_in.device, dtype=weights.w_in.dtype)
+        with torch.no_grad():
+            for name, value in (
+                ("w_in", weights.w_in),
+                ("w_out", weights.w_out),
+                ("b_in", weights.b_in),
+                ("b_out", weights.b_out),
+            ):
+                param = getattr(experts, name)
+                if param is None:
+                    continue
+                param.copy_(value.unsqueeze(0).expand_as(param))
+                if noise_std > 0:
+                    noise = torch.randn(param.shape, generator=generator, dtype=torch.float32).to(param)
+                    param.add_(noise * noise_std)
+        return experts
+
+    def hidden_act(self, h: torch.Tensor) -> torch.Tensor:
+        if self.kind == "gated":
+            gate, up = h.split(self.hidden, dim=-1)
+            return self._act(gate) * up
+        return self._act(h)
+
+    def forward_expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert ``e`` on tokens ``x (n, D)``: the plain reference every backend must match."""
+        h = x @ self.w_in[e]
+        if self.b_in is not None:
+            h = h + self.b_in[e]
+        y = self.hidden_act(h) @ self.w_out[e]
+        if self.b_out is not None:
+            y = y + self.b_out[e]
+        return y
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}, kind={self.kind}, activation={self.activation}"
