@@ -5,7 +5,7 @@ adapter (how much), sparse dispatch backends, and upcycling of dense FFNs.
 """
 
 from adamoe.config import MoEConfig
-from adamoe.dispatch import BACKENDS, dispatch, select_backend
+from adamoe.dispatch import BACKENDS, Routing, dispatch, select_backend
 from adamoe.experts import FeedForward, GroupedExperts, ffn_weights
 from adamoe.moe import MoEFeedForward
 from adamoe.routers import TopKRouter, balance_loss, router_z_loss
@@ -18,6 +18,7 @@ __all__ = [
     "GroupedExperts",
     "MoEConfig",
     "MoEFeedForward",
+    "Routing",
     "TopKRouter",
     "UpcycleReport",
     "balance_loss",

@@ -8,7 +8,7 @@ from typing import Any
 
 ROUTERS = ("adamoe", "topk")
 BALANCE_LOSSES = ("mean", "switch", "none")
-BACKENDS = ("auto", "grouped_mm", "loop", "dense")
+BACKENDS = ("auto", "grouped_mm", "batched_mm", "loop", "dense")
 INITS = ("paper", "preserve")
 
 

@@ -225,4 +225,7 @@ class GroupedExperts(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}, kind={self.kind}, activation={self.activation}"
+        return (
+            f"num_experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}, "
+            f"kind={self.kind}, activation={self.activation}"
+        )

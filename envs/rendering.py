@@ -17,7 +17,8 @@ import numpy as np
 
 
 def ensure_gl_backend() -> str | None:
-    """Default ``MUJOCO_GL`` to ``egl`` on a Linux machine without a display.
+    """Default ``MUJOCO_GL`` to ``egl`` on a Linux machine without a display, and
+    single-threaded software rasterising for the small frames policies use.
 
     Must run before ``mujoco`` is imported, because MuJoCo picks its OpenGL platform at
     import time. A value the user set is always kept.
@@ -26,6 +27,13 @@ def ensure_gl_backend() -> str | None:
         os.environ["MUJOCO_GL"] = "egl"
     if os.environ.get("MUJOCO_GL") == "egl":
         os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
+    if os.environ.get("MUJOCO_GL") in ("egl", "osmesa"):
+        # Mesa's software rasteriser (llvmpipe) otherwise hands each frame to a pool of
+        # worker threads; for 64x64 frames the hand-off costs more than the drawing:
+        # rasterising in the calling thread makes a two-camera tabletop step ~1.4x
+        # faster on 2 cores, and is no slower for Meta-World or 256x256 video frames
+        # (measured). Ignored by hardware GL drivers.
+        os.environ.setdefault("LP_NUM_THREADS", "0")
     return os.environ.get("MUJOCO_GL")
 
 

@@ -9,10 +9,10 @@ from torch import nn
 
 import adamoe
 from adamoe import MoEConfig, MoEFeedForward
-from adamoe.dispatch import BACKENDS
+from adamoe.dispatch import BACKENDS, Routing
 
 D, H = 16, 32
-BACKEND_NAMES = ["grouped_mm", "loop", "dense"]
+BACKEND_NAMES = ["grouped_mm", "batched_mm", "loop", "dense"]
 ROUTINGS = [("adamoe", False), ("topk", False), ("topk", True)]
 
 
@@ -173,20 +173,58 @@ def test_routing_statistics_count_tokens_and_weights():
     assert adamoe.routing_stats(model)["0"]["tokens"].sum() == 0
 
 
-def test_auto_backend_choice_by_shape_dtype_and_k():
+def _routing(indices, num_experts):
+    indices = torch.as_tensor(indices).reshape(-1, 1) if torch.as_tensor(indices).dim() == 1 else indices
+    return Routing(indices, torch.ones(indices.shape, dtype=torch.float32), num_experts)
+
+
+def test_auto_backend_choice_by_shape_load_dtype_and_k():
     layer = make_layer(top_k=1)
     x = torch.randn(4, D)
-    assert adamoe.select_backend("auto", x, layer.experts, top_k=1) == "grouped_mm"
-    assert adamoe.select_backend("auto", x, layer.experts, top_k=4) == "dense"
-    assert adamoe.select_backend("auto", x.double(), layer.experts.double(), top_k=1) == "loop"
+    small = _routing([0, 1, 2, 3], 4)
+    assert adamoe.select_backend("auto", x, layer.experts, small) == "batched_mm"  # small groups on CPU
+    balanced = _routing(torch.arange(400) % 4, 4)
+    assert adamoe.select_backend("auto", torch.randn(400, D), layer.experts, balanced) == "batched_mm"
+    skewed = _routing(torch.cat([torch.zeros(300, dtype=torch.long), torch.arange(100) % 4]), 4)
+    assert adamoe.select_backend("auto", torch.randn(400, D), layer.experts, skewed) == "grouped_mm"
+    assert (
+        adamoe.select_backend("auto", x.double(), layer.experts.double(), _routing(torch.zeros(400).long(), 4))
+        == "loop"
+    )
+    everything = Routing(torch.arange(4).repeat(4, 1), torch.ones(4, 4), 4)
+    assert adamoe.select_backend("auto", x, layer.experts, everything) == "dense"
     with pytest.raises(ValueError, match="grouped_mm.*float64"):
-        adamoe.select_backend("grouped_mm", x.double(), layer.experts.double(), top_k=1)
+        adamoe.select_backend("grouped_mm", x.double(), layer.experts.double(), small)
     with pytest.raises(ValueError, match="'fast'.*valid backends"):
-        adamoe.select_backend("fast", x, layer.experts, top_k=1)
-    assert set(BACKENDS) == {"grouped_mm", "loop", "dense"}
+        adamoe.select_backend("fast", x, layer.experts, small)
+    assert set(BACKENDS) == {"grouped_mm", "batched_mm", "loop", "dense"}
 
 
-def test_float64_layer_runs_on_the_loop_backend():
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_backends_handle_idle_experts_and_empty_batches(backend):
+    layer = make_layer(top_k=1, num_experts=4, backend=backend)
+    with torch.no_grad():
+        layer.router.gate.weight.zero_()
+        layer.router.gate.weight[2, 0] = 10.0  # every token with x[0] > 0 goes to expert 2
+    x = torch.randn(12, D).abs().requires_grad_(True)
+    out = layer(x)
+    torch.testing.assert_close(out, reference_forward(layer, x), atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert torch.all(layer.experts.w_in.grad[[0, 1, 3]] == 0) and layer.experts.w_in.grad[2].abs().sum() > 0
+    assert layer(torch.randn(0, D)).shape == (0, D)
+
+
+@pytest.mark.parametrize("backend", ["grouped_mm", "batched_mm", "loop"])
+def test_bfloat16_backends_track_the_float32_reference(backend):
+    layer = make_layer(top_k=2, num_experts=4, backend=backend)
+    x = torch.randn(40, D)
+    ref = reference_forward(layer, x)
+    out = layer.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.05)
+
+
+def test_float64_layer_matches_the_reference_without_grouped_mm():
     layer = make_layer(top_k=1).double()
     x = torch.randn(5, D, dtype=torch.float64)
     torch.testing.assert_close(layer(x), reference_forward(layer, x))

@@ -170,11 +170,15 @@ def test_fast_render_settings_are_applied():
     env.close()
 
 
-def test_mujoco_gl_defaults_to_egl_without_a_display():
-    clean = {k: v for k, v in os.environ.items() if k not in ("MUJOCO_GL", "DISPLAY", "PYOPENGL_PLATFORM")}
-    code = "import envs, os; print(os.environ['MUJOCO_GL'])"
+def test_mujoco_gl_defaults_to_egl_and_in_thread_rasterising_without_a_display():
+    unset = ("MUJOCO_GL", "DISPLAY", "PYOPENGL_PLATFORM", "LP_NUM_THREADS")
+    clean = {k: v for k, v in os.environ.items() if k not in unset}
+    code = "import envs, os; print(os.environ['MUJOCO_GL'], os.environ['LP_NUM_THREADS'])"
     out = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "egl"
+    assert out.stdout.split() == ["egl", "0"]
+    clean["LP_NUM_THREADS"] = "2"
+    out = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["egl", "2"]
 
 
 def test_mujoco_gl_keeps_the_users_choice_and_a_display(monkeypatch):
