@@ -1,0 +1,143 @@
+"""Training frames from Minari datasets: each frame with its instruction, state, images and
+the next H actions (padded and masked past the episode's end), plus image augmentation."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import minari
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from envs.datasets import episode_metadata, load_dataset
+from policies.normalize import feature_stats
+
+
+class ChunkDataset:
+    """Every frame of one or more Minari datasets, held in memory.
+
+    ``cameras``: which ``pixels`` entries to keep (``()`` for state-only training). The
+    instruction of an episode is its observations' ``instruction`` (or, failing that, the
+    episode metadata's). A frame's action chunk is ``actions[t : t + chunk_size]``; steps
+    past the episode's end repeat its last action and are flagged in ``action_is_pad``.
+    """
+
+    def __init__(
+        self,
+        datasets: Sequence[str | os.PathLike | minari.MinariDataset] | str,
+        chunk_size: int,
+        cameras: Sequence[str] = (),
+        root: str | os.PathLike | None = None,
+        progress: bool = True,
+    ) -> None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        datasets = [datasets] if isinstance(datasets, (str, os.PathLike)) else list(datasets)
+        if not datasets:
+            raise ValueError("ChunkDataset needs at least one dataset")
+        self.chunk_size = chunk_size
+        self.cameras = tuple(cameras)
+        images: dict[str, list[np.ndarray]] = {c: [] for c in self.cameras}
+        states, actions, tasks, starts, ends, episode_tasks = [], [], [], [], [], []
+        frames = 0
+        for source in tqdm(datasets, desc="load datasets", unit="ds", disable=not progress):
+            ds = source if isinstance(source, minari.MinariDataset) else load_dataset(source, root)
+            metas = episode_metadata(ds)
+            for episode, meta in zip(ds.iterate_episodes(), metas, strict=True):
+                obs = episode.observations
+                length = len(episode.actions)
+                if length == 0:
+                    continue
+                for camera in self.cameras:
+                    pixels = obs.get("pixels") if isinstance(obs, dict) else None
+                    if pixels is None or camera not in pixels:
+                        have = sorted(pixels) if pixels is not None else []
+                        raise ValueError(f"dataset {ds.id!r} has no camera {camera!r}; it has {have}")
+                    images[camera].append(np.asarray(pixels[camera][:length], dtype=np.uint8))
+                states.append(np.asarray(_state(obs, ds.id)[:length], dtype=np.float32))
+                actions.append(np.asarray(episode.actions, dtype=np.float32).reshape(length, -1))
+                tasks.append(_instruction(obs, meta, ds.id))
+                episode_tasks.append(meta.get("task", ds.id))
+                starts.append(frames)
+                frames += length
+                ends.append(frames)
+        if frames == 0:
+            raise ValueError(f"datasets {datasets} hold no steps")
+        self.images = {c: np.concatenate(v) for c, v in images.items()}
+        self.state = np.concatenate(states)
+        self.actions = np.concatenate(actions)
+        self.episode_instruction = tasks
+        self.episode_task = episode_tasks
+        lengths = np.array(ends) - np.array(starts)
+        self.frame_episode = np.repeat(np.arange(len(starts)), lengths)
+        self.frame_end = np.repeat(np.array(ends), lengths)
+
+    def __len__(self) -> int:
+        return len(self.state)
+
+    @property
+    def num_episodes(self) -> int:
+        return len(self.episode_instruction)
+
+    def stats(self) -> dict[str, dict[str, np.ndarray]]:
+        return {"observation.state": feature_stats(self.state), "action": feature_stats(self.actions)}
+
+    def get(self, indices: np.ndarray) -> dict[str, Any]:
+        """A batch (LeRobot keys) of the frames at ``indices``; images as floats in [0, 1]."""
+        indices = np.asarray(indices)
+        steps = indices[:, None] + np.arange(self.chunk_size)[None, :]  # (B, H)
+        is_pad = steps >= self.frame_end[indices][:, None]
+        steps = np.minimum(steps, self.frame_end[indices][:, None] - 1)
+        batch: dict[str, Any] = {
+            "observation.state": torch.from_numpy(self.state[indices]),
+            "action": torch.from_numpy(self.actions[steps]),
+            "action_is_pad": torch.from_numpy(is_pad),
+            "task": [self.episode_instruction[e] for e in self.frame_episode[indices]],
+        }
+        for camera, frames in self.images.items():
+            batch[f"observation.images.{camera}"] = torch.from_numpy(frames[indices]).permute(0, 3, 1, 2).float() / 255
+        return batch
+
+    def sample(self, batch_size: int, rng: np.random.Generator, shift: int = 0) -> dict[str, Any]:
+        """A uniformly random batch; ``shift > 0`` augments images by random shifts of up to that many pixels."""
+        batch = self.get(rng.integers(0, len(self), size=batch_size))
+        if shift > 0:
+            seed = int(rng.integers(1 << 62))
+            for camera in self.cameras:
+                key = f"observation.images.{camera}"
+                batch[key] = random_shift(batch[key], shift, torch.Generator().manual_seed(seed))
+                seed += 1
+        return batch
+
+
+def random_shift(images: torch.Tensor, pad: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """DrQ's augmentation: pad by repeating the border, then crop back at a random offset per image."""
+    n, _, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad), mode="replicate")
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, :, None]  # (N, H, 1)
+    cols = (dx[:, None] + torch.arange(w))[:, None, :]  # (N, 1, W)
+    out = padded[torch.arange(n)[:, None, None], :, rows, cols]  # (N, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def _state(obs: Any, dataset_id: str) -> np.ndarray:
+    if isinstance(obs, dict):
+        for key in ("agent_pos", "state", "observation"):
+            if key in obs:
+                return np.asarray(obs[key])
+        raise ValueError(f"dataset {dataset_id!r} observations have no 'agent_pos'; keys are {sorted(obs)}")
+    return np.asarray(obs)
+
+
+def _instruction(obs: Any, meta: dict[str, Any], dataset_id: str) -> str:
+    if isinstance(obs, dict) and "instruction" in obs:
+        first = obs["instruction"][0]
+        return first.decode() if isinstance(first, bytes) else str(first)
+    if "instruction" in meta:
+        return str(meta["instruction"])
+    raise ValueError(f"dataset {dataset_id!r} has no instruction in its observations or episode metadata")

@@ -1,0 +1,130 @@
+"""Checkpoints as ``config.json`` + ``model.safetensors`` (the LeRobot / Hugging Face shape),
+a registry keyed by the config's ``type`` tag, and atomic directory writes.
+
+Nothing on the load path unpickles: configs are JSON, tensors are safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+POLICIES: dict[str, type[PretrainedPolicy]] = {}
+
+
+def register_policy(type_name: str):
+    """Class decorator: ``from_pretrained`` builds this class for configs tagged ``type_name``."""
+
+    def wrap(cls: type[PretrainedPolicy]) -> type[PretrainedPolicy]:
+        POLICIES[type_name] = cls
+        cls.policy_type = type_name
+        return cls
+
+    return wrap
+
+
+@contextmanager
+def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a hidden temporary directory beside ``final``; rename it into place on success.
+
+    An interrupted write leaves only a ``.tmp-*`` directory, never a half-written
+    ``final``; an existing ``final`` is replaced only once the new one is complete.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if final.exists():
+            old = final.parent / f".tmp-{final.name}-old-{uuid.uuid4().hex[:8]}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+def load_state_dict_checked(module: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``tensors`` into ``module`` exactly: a missing, unexpected or mis-shaped tensor
+    raises a ``ValueError`` that names it."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        raise ValueError(f"{source} is missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+    unexpected = [k for k in tensors if k not in expected]
+    if unexpected:
+        raise ValueError(f"{source} has unexpected tensor {unexpected[0]!r} ({len(unexpected)} unexpected in all)")
+    for name, value in tensors.items():
+        if tuple(value.shape) != tuple(expected[name].shape):
+            raise ValueError(
+                f"{source}: tensor {name!r} has shape {tuple(value.shape)}, the model expects "
+                f"{tuple(expected[name].shape)}"
+            )
+    module.load_state_dict(tensors, strict=True)
+
+
+def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a policy checkpoint directory")
+    config = json.loads(path.read_text())
+    if not isinstance(config, dict) or "type" not in config:
+        raise ValueError(f"{path} has no 'type' tag; known policy types are {sorted(POLICIES)}")
+    return config
+
+
+class PretrainedPolicy(nn.Module):
+    """Base of every policy: ``save_pretrained`` / ``from_pretrained`` and the action queue API."""
+
+    policy_type = "base"
+    config_class: type
+
+    def save_pretrained(self, directory: str | os.PathLike, extra_files: dict[str, str] | None = None) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory``, atomically."""
+        directory = Path(directory)
+        with atomic_directory(directory) as tmp:
+            (tmp / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+            save_tensors(self.state_dict(), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> PretrainedPolicy:
+        data = read_config(directory)
+        if data["type"] != cls.policy_type:
+            raise ValueError(f"{directory} holds a {data['type']!r} policy, not a {cls.policy_type!r} one")
+        policy = cls(cls.config_class.from_dict(data))
+        weights = Path(directory) / WEIGHTS_NAME
+        if not weights.is_file():
+            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
+        load_state_dict_checked(policy, load_file(str(weights)), str(weights))
+        return policy.to(device).eval()
+
+
+def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "cpu") -> PretrainedPolicy:
+    """Load any policy checkpoint, dispatching on its ``type`` tag."""
+    kind = read_config(directory)["type"]
+    if kind not in POLICIES:
+        raise ValueError(f"unknown policy type {kind!r} in {directory}; known policy types are {sorted(POLICIES)}")
+    return POLICIES[kind].from_pretrained(directory, device)

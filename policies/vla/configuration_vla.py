@@ -1,0 +1,175 @@
+"""Configuration of the pi0-style VLA policy, with named presets (``tiny``, ``small``, ``base``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from adamoe import MoEConfig
+
+
+@dataclass
+class VLAConfig:
+    """Every hyper-parameter of :class:`policies.VLAPolicy`; ``config.json`` is this, as a dict.
+
+    The prefix transformer (vision + language) and the action expert have the same depth
+    and head layout, because at every layer the action expert's queries attend over the
+    prefix's keys and values of that layer (pi0's shared attention, separate weights).
+    """
+
+    type: str = "vla"
+    # Observations and actions.
+    cameras: tuple[str, ...] = ("front", "wrist")
+    image_size: int = 64
+    state_dim: int = 4
+    action_dim: int = 4
+    chunk_size: int = 10  # H: actions predicted per chunk
+    n_action_steps: int = 5  # actions executed from each chunk before the next is predicted
+    # Vision: a conv stem per camera (shared weights, a learned camera embedding), each
+    # image becoming a (image_size / patch) ^ 2 grid of tokens plus ``keypoints``
+    # spatial-softmax tokens (the expected position of a learned feature each).
+    vision_channels: tuple[int, ...] = (32, 64)
+    patch: int = 16
+    keypoints: int = 16
+    # Language: one token per word, hashed (with its character n-grams) into
+    # ``text_buckets`` embeddings: no vocabulary file, no unknown word.
+    max_words: int = 16
+    text_buckets: int = 4096
+    ngram_range: tuple[int, int] = (3, 5)
+    max_ngrams: int = 24
+    # Transformers.
+    depth: int = 4
+    num_heads: int = 4
+    head_dim: int = 32
+    prefix_width: int = 128
+    expert_width: int = 128
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    # Flow matching (pi0): t ~ Beta(1.5, 1) squashed into (time_min, 1), N Euler steps.
+    num_inference_steps: int = 10
+    time_beta: tuple[float, float] = (1.5, 1.0)
+    time_min: float = 0.001
+    min_period: float = 4e-3
+    max_period: float = 4.0
+    # What the action expert outputs: "velocity" (pi0) or "actions", the clean chunk, from
+    # which the sampler derives the velocity (x-prediction): on the tabletop demos it
+    # learns several times faster per step (README, "Flow-matching parameterisation").
+    prediction: str = "actions"
+    # Noise draws per example in training: the prefix runs once and the cheap action
+    # expert denoises several (t, noise) pairs, more signal per image encoded.
+    flow_samples: int = 4
+    # Normalisation of state and actions from dataset statistics ("mean_std" or "min_max").
+    normalization: str = "mean_std"
+    # Set by ``VLAPolicy.upcycle``: the action expert's FFNs are MoE layers with this
+    # effective per-layer config (None for a dense policy).
+    moe: dict[str, Any] | None = None
+    preset: str = field(default="small")
+
+    def __post_init__(self) -> None:
+        self.cameras = tuple(self.cameras)
+        self.vision_channels = tuple(self.vision_channels)
+        self.time_beta = tuple(self.time_beta)
+        self.ngram_range = tuple(self.ngram_range)
+        self.validate()
+
+    def validate(self) -> None:
+        if not self.cameras:
+            raise ValueError("cameras must name at least one camera")
+        positive = (
+            "image_size",
+            "state_dim",
+            "action_dim",
+            "chunk_size",
+            "n_action_steps",
+            "patch",
+            "max_words",
+            "text_buckets",
+            "max_ngrams",
+            "depth",
+            "num_heads",
+            "head_dim",
+            "prefix_width",
+            "expert_width",
+            "num_inference_steps",
+            "flow_samples",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.keypoints, int) or self.keypoints < 0:
+            raise ValueError(f"keypoints must be an integer >= 0, got {self.keypoints!r}")
+        if self.n_action_steps > self.chunk_size:
+            raise ValueError(f"n_action_steps={self.n_action_steps} exceeds chunk_size={self.chunk_size}")
+        if self.image_size % self.patch:
+            raise ValueError(f"image_size={self.image_size} must be a multiple of patch={self.patch}")
+        stride = 2 ** len(self.vision_channels)
+        if self.patch % stride:
+            raise ValueError(
+                f"patch={self.patch} must be a multiple of 2 ** len(vision_channels) = {stride} "
+                f"(each conv stage halves the image)"
+            )
+        if self.prediction not in ("velocity", "actions"):
+            raise ValueError(f"prediction={self.prediction!r} is not one of ('velocity', 'actions')")
+        if self.normalization not in ("mean_std", "min_max"):
+            raise ValueError(f"normalization={self.normalization!r} is not one of ('mean_std', 'min_max')")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.moe is not None:
+            MoEConfig.from_dict(self.moe["config"])
+
+    @property
+    def tokens_per_image(self) -> int:
+        return (self.image_size // self.patch) ** 2 + self.keypoints
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VLAConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown VLAConfig fields {unknown}; valid fields are {sorted(known)}")
+        return cls(**data)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # For tests: runs a training step in milliseconds.
+    "tiny": dict(
+        vision_channels=(8, 16),
+        patch=16,
+        depth=2,
+        num_heads=2,
+        head_dim=8,
+        prefix_width=32,
+        expert_width=32,
+        mlp_ratio=2.0,
+        chunk_size=4,
+        n_action_steps=2,
+        flow_samples=2,
+        num_inference_steps=3,
+    ),
+    # The default: trains to a useful tabletop policy on 2 CPU cores in minutes.
+    "small": dict(),
+    # Larger, for a GPU or a patient CPU.
+    "base": dict(
+        vision_channels=(32, 64, 128),
+        patch=8,
+        depth=6,
+        num_heads=8,
+        head_dim=32,
+        prefix_width=256,
+        expert_width=192,
+        chunk_size=16,
+        n_action_steps=8,
+    ),
+}
+
+
+def vla_config(preset: str = "small", **overrides: Any) -> VLAConfig:
+    """A config from a named preset, with any field overridden."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown VLA preset {preset!r}; valid presets are {sorted(PRESETS)}")
+    return VLAConfig(**{**PRESETS[preset], **overrides, "preset": preset})

@@ -1,0 +1,546 @@
+"""A pi0-style vision-language-action policy, small enough to train on a CPU.
+
+The layout of pi0 (Black et al., 2024), scaled down:
+- a prefix of image tokens (a conv stem per camera) and language tokens (hashed words
+  with their character n-grams), processed by a bidirectional transformer;
+- an action expert, a second transformer with its own weights over [state token,
+  H noisy action tokens], whose attention at every layer also reads that layer's prefix
+  keys and values, under pi0's block mask: the prefix sees only the prefix, the state
+  token sees the prefix and itself, action tokens see everything;
+- flow matching: ``x_t = t * noise + (1 - t) * actions``, the expert predicts the
+  velocity ``noise - actions``, and sampling integrates from noise at t = 1 to actions
+  at t = 0 with Euler steps.
+The prefix never attends to the suffix, so its keys and values are computed once per
+chunk and reused by every denoising step (``use_cache=True``); ``use_cache=False``
+recomputes the whole sequence jointly at each step, the reference the cache is tested
+against.
+
+The action expert's feed-forward blocks are plain gated MLPs named
+``action_expert.layers.<i>.mlp``: ``VLAPolicy.upcycle`` turns them into AdaMoE layers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+import adamoe
+from adamoe import MoEConfig
+from policies.normalize import Normalizer
+from policies.pretrained import PretrainedPolicy, register_policy
+from policies.tokenizer import PAD_ID, encode
+from policies.vla.configuration_vla import VLAConfig
+
+# The action expert's FFNs, relative to ``VLAModel.action_expert`` (what upcycling replaces).
+EXPERT_FFN_PATTERN = r"^layers\.\d+\.mlp$"
+
+
+# -- the math, as small pure functions -------------------------------------------------
+
+
+def block_ids(num_prefix: int, chunk_size: int, device: torch.device | None = None) -> torch.Tensor:
+    """pi0's attention blocks by one cumulative sum: prefix 0, state 1, actions 2.
+
+    A token may attend to every key whose block is not after its own.
+    """
+    starts = torch.zeros(num_prefix + 1 + chunk_size, dtype=torch.long, device=device)
+    starts[num_prefix] = 1  # the state token opens block 1
+    starts[num_prefix + 1] = 1  # the first action token opens block 2
+    return torch.cumsum(starts, 0)
+
+
+def attention_mask(query_blocks: torch.Tensor, key_blocks: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, Q, K)`` boolean mask: key block <= query block, and the key is not padding."""
+    allowed = key_blocks[None, :] <= query_blocks[:, None]  # (Q, K)
+    return allowed[None, None] & key_valid[:, None, None, :]
+
+
+def sample_time(batch: int, beta: tuple[float, float], time_min: float) -> torch.Tensor:
+    """pi0's flow time: ``Beta(1.5, 1)`` (more weight near t = 1, the noisy end) in (time_min, 1)."""
+    draw = torch.distributions.Beta(torch.tensor(float(beta[0])), torch.tensor(float(beta[1]))).sample((batch,))
+    return draw * (1.0 - time_min) + time_min
+
+
+def time_embedding(t: torch.Tensor, dim: int, min_period: float, max_period: float) -> torch.Tensor:
+    """Sinusoidal embedding of flow time ``t (B,)`` -> ``(B, dim)``, periods geometric in [min, max]."""
+    fraction = torch.linspace(0.0, 1.0, dim // 2, device=t.device, dtype=torch.float64)
+    period = min_period * (max_period / min_period) ** fraction
+    angle = (2 * math.pi / period)[None, :] * t.double()[:, None]
+    return torch.cat([torch.sin(angle), torch.cos(angle)], dim=-1).to(torch.float32)
+
+
+def flow_matching_loss(
+    output: torch.Tensor,
+    noise: torch.Tensor,
+    actions: torch.Tensor,
+    is_pad: torch.Tensor,
+    t: torch.Tensor,
+    prediction: str = "velocity",
+) -> torch.Tensor:
+    """The flow-matching loss, padded steps excluded.
+
+    ``prediction="velocity"`` (pi0): the network's output is the velocity, and the loss is
+    its MSE to ``noise - actions``. ``prediction="actions"``: the output is the clean chunk
+    ``a_hat`` and the velocity ``(x_t - a_hat) / t``; the loss is the MSE of ``a_hat``,
+    which is the velocity MSE weighted by ``t ** 2`` (x-prediction, Li & He 2025).
+    """
+    if prediction == "velocity":
+        error = (output - (noise - actions)).pow(2).mean(-1)  # (B, H)
+    elif prediction == "actions":
+        error = (output - actions).pow(2).mean(-1)
+    else:
+        raise ValueError(f"prediction={prediction!r} is not one of ('velocity', 'actions')")
+    valid = (~is_pad).float()
+    return (error * valid).sum() / valid.sum().clamp_min(1.0)
+
+
+def velocity(output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction: str) -> torch.Tensor:
+    """The flow velocity ``d x_t / d t`` from the network's output (see :func:`flow_matching_loss`)."""
+    if prediction == "velocity":
+        return output
+    return (x_t - output) / t.reshape(-1, *[1] * (x_t.ndim - 1))
+
+
+# -- modules ------------------------------------------------------------------------
+
+
+class ConvStem(nn.Module):
+    """An image ``(N, 3, S, S)`` in [0, 1] -> tokens ``(N, T, width)``.
+
+    Stride-2 conv stages over the image and two coordinate channels (CoordConv: where a
+    pixel is becomes a feature), then two kinds of tokens: a patch grid of
+    ``(S / patch) ** 2`` tokens (what is where, coarsely), and ``keypoints`` spatial-softmax
+    tokens, each the expected image position of one learned feature (Levine et al., 2016),
+    which locate small objects to a fraction of a feature cell.
+    """
+
+    def __init__(self, channels: tuple[int, ...], patch: int, width: int, keypoints: int = 0) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 5  # RGB + (x, y)
+        for c in channels:
+            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(min(8, c), c), nn.GELU()]
+            c_in = c
+        self.stages = nn.Sequential(*layers)
+        rest = patch // 2 ** len(channels)
+        self.patchify = nn.Conv2d(c_in, width, rest, stride=rest)
+        self.keypoints = keypoints
+        if keypoints:
+            self.keypoint_logits = nn.Conv2d(c_in, keypoints, 1)
+            self.keypoint_temperature = nn.Parameter(torch.zeros(()))  # log scale
+            self.keypoint_proj = nn.Linear(2, width)
+            self.keypoint_embed = nn.Parameter(torch.randn(keypoints, width) * 0.02)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = images.shape
+        x = self.stages(torch.cat([images * 2.0 - 1.0, _coordinates(n, h, w, images)], dim=1))
+        tokens = rearrange(self.patchify(x), "n c h w -> n (h w) c")
+        if not self.keypoints:
+            return tokens
+        logits = rearrange(self.keypoint_logits(x), "n k h w -> n k (h w)") * self.keypoint_temperature.exp()
+        grid = rearrange(_coordinates(1, x.shape[2], x.shape[3], x)[0], "c h w -> (h w) c")  # (h*w, 2)
+        expected = torch.softmax(logits, dim=-1) @ grid  # (N, K, 2) in [-1, 1]
+        return torch.cat([tokens, self.keypoint_proj(expected) + self.keypoint_embed], dim=1)
+
+
+def _coordinates(n: int, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+    """``(n, 2, h, w)``: each pixel's x and y in [-1, 1]."""
+    ys = torch.linspace(-1.0, 1.0, h, device=like.device, dtype=like.dtype)
+    xs = torch.linspace(-1.0, 1.0, w, device=like.device, dtype=like.dtype)
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=0)  # (2, h, w)
+    return grid.expand(n, 2, h, w)
+
+
+class TextEncoder(nn.Module):
+    """Hashed word tokens -> embeddings: each word's vector plus the mean of its n-grams'."""
+
+    def __init__(self, width: int, buckets: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(buckets + 1, width, padding_idx=PAD_ID)
+
+    def forward(self, ids: torch.Tensor, grams: torch.Tensor) -> torch.Tensor:
+        gram_count = (grams != PAD_ID).sum(-1, keepdim=True).clamp_min(1)
+        return self.embed(ids) + self.embed(grams).sum(-2) / gram_count  # (B, words, D)
+
+
+class GatedMLP(nn.Module):
+    """GeGLU feed-forward (as Gemma, pi0's backbone): ``down(gelu(gate(x)) * up(x))``."""
+
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(width, hidden, bias=False)
+        self.up_proj = nn.Linear(width, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, width, bias=False)
+        self.act_fn = nn.GELU(approximate="tanh")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Layer(nn.Module):
+    """One stream's weights at one depth: pre-norm attention projections and a pre-norm MLP.
+
+    ``kv_only``: the prefix's last layer, whose keys and values the action expert reads
+    but whose own outputs nobody does.
+    """
+
+    def __init__(
+        self, width: int, heads: int, head_dim: int, mlp_ratio: float, dropout: float, kv_only: bool = False
+    ) -> None:
+        super().__init__()
+        inner = heads * head_dim
+        self.heads, self.kv_only = heads, kv_only
+        self.input_norm = nn.RMSNorm(width, eps=1e-6)
+        self.k_proj = nn.Linear(width, inner, bias=False)
+        self.v_proj = nn.Linear(width, inner, bias=False)
+        if not kv_only:
+            self.q_proj = nn.Linear(width, inner, bias=False)
+            self.o_proj = nn.Linear(inner, width, bias=False)
+            self.post_norm = nn.RMSNorm(width, eps=1e-6)
+            self.mlp = GatedMLP(width, int(round(mlp_ratio * width)))
+            self.dropout = nn.Dropout(dropout)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        h = self.input_norm(x)
+        split = lambda y: rearrange(y, "b t (h d) -> b h t d", h=self.heads)
+        q = None if self.kv_only else split(self.q_proj(h))
+        return q, split(self.k_proj(h)), split(self.v_proj(h))
+
+    def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.o_proj(rearrange(attended, "b h t d -> b t (h d)")))
+        return x + self.dropout(self.mlp(self.post_norm(x)))
+
+
+class ActionExpert(nn.Module):
+    """The suffix stream: embeds [state, noisy actions + flow time] and predicts velocities."""
+
+    def __init__(self, config: VLAConfig) -> None:
+        super().__init__()
+        d = config.expert_width
+        self.state_proj = nn.Linear(config.state_dim, d)
+        self.action_in_proj = nn.Linear(config.action_dim, d)
+        self.action_time_mlp_in = nn.Linear(2 * d, d)
+        self.action_time_mlp_out = nn.Linear(d, d)
+        self.action_pos = nn.Parameter(torch.randn(config.chunk_size, d) * 0.02)
+        self.layers = nn.ModuleList(
+            Layer(d, config.num_heads, config.head_dim, config.mlp_ratio, config.dropout) for _ in range(config.depth)
+        )
+        self.final_norm = nn.RMSNorm(d, eps=1e-6)
+        self.action_out_proj = nn.Linear(d, config.action_dim)
+        self.config = config
+
+    def embed(self, state: torch.Tensor, noisy_actions: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``(B, 1 + H, D)``: the state token, then action tokens mixed with the time embedding."""
+        c = self.config
+        actions = self.action_in_proj(noisy_actions)  # (B, H, D)
+        time = time_embedding(t, c.expert_width, c.min_period, c.max_period)[:, None].expand_as(actions)
+        actions = self.action_time_mlp_out(F.silu(self.action_time_mlp_in(torch.cat([actions, time], -1))))
+        return torch.cat([self.state_proj(state)[:, None], actions + self.action_pos], dim=1)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.action_out_proj(self.final_norm(x[:, 1:]))
+
+
+class VLAModel(nn.Module):
+    """Prefix (vision + language) transformer and action expert sharing attention per layer."""
+
+    def __init__(self, config: VLAConfig) -> None:
+        super().__init__()
+        self.config = c = config
+        d = c.prefix_width
+        self.vision = ConvStem(c.vision_channels, c.patch, d, c.keypoints)
+        self.camera_embed = nn.Parameter(torch.randn(len(c.cameras), d) * 0.02)
+        self.image_pos = nn.Parameter(torch.randn(c.tokens_per_image, d) * 0.02)
+        self.text = TextEncoder(d, c.text_buckets)
+        self.text_pos = nn.Parameter(torch.randn(c.max_words, d) * 0.02)
+        self.prefix_layers = nn.ModuleList(
+            Layer(d, c.num_heads, c.head_dim, c.mlp_ratio, c.dropout, kv_only=(i == c.depth - 1))
+            for i in range(c.depth)
+        )
+        self.action_expert = ActionExpert(c)
+        self.apply(_init_weights)
+
+    # prefix
+
+    def embed_prefix(self, images: torch.Tensor, text: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images ``(B, cams, 3, S, S)`` and encoded words -> prefix tokens ``(B, P, D)`` and validity."""
+        b, cams = images.shape[:2]
+        img = self.vision(images.flatten(0, 1)).unflatten(0, (b, cams))  # (B, cams, T, D)
+        img = img + self.image_pos + self.camera_embed[:, None]
+        word_ids, grams, txt_valid = text
+        txt = self.text(word_ids, grams) + self.text_pos[: word_ids.shape[1]]
+        tokens = torch.cat([img.flatten(1, 2), txt], dim=1)
+        valid = torch.cat(
+            [torch.ones(b, img.shape[1] * img.shape[2], dtype=torch.bool, device=txt.device), txt_valid], 1
+        )
+        return tokens, valid
+
+    def prefix_cache(self, tokens: torch.Tensor, valid: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Run the prefix once; its keys and values at every layer (what the action expert reads)."""
+        mask = valid[:, None, None, :]
+        cache, x = [], tokens
+        for layer in self.prefix_layers:
+            q, k, v = layer.qkv(x)
+            cache.append((k, v))
+            if not layer.kv_only:
+                x = layer.finish(x, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+        return cache
+
+    # suffix
+
+    def expert_cached(
+        self, cache: list[tuple[torch.Tensor, torch.Tensor]], prefix_valid: torch.Tensor, suffix: torch.Tensor
+    ) -> torch.Tensor:
+        """The action expert's output ``(B, H, A)`` for suffix tokens ``(B, 1 + H, D)`` over cached
+        prefix keys/values: a velocity or a clean action chunk, by ``config.prediction``."""
+        num_prefix, chunk = prefix_valid.shape[1], suffix.shape[1] - 1
+        blocks = block_ids(num_prefix, chunk, suffix.device)
+        key_valid = torch.cat([prefix_valid, prefix_valid.new_ones(suffix.shape[0], chunk + 1)], dim=1)
+        mask = attention_mask(blocks[num_prefix:], blocks, key_valid)
+        x = suffix
+        for layer, (k_prefix, v_prefix) in zip(self.action_expert.layers, cache, strict=True):
+            q, k, v = layer.qkv(x)
+            k, v = torch.cat([k_prefix, k], dim=2), torch.cat([v_prefix, v], dim=2)
+            x = layer.finish(x, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+        return self.action_expert.head(x)
+
+    def expert_joint(self, prefix: torch.Tensor, prefix_valid: torch.Tensor, suffix: torch.Tensor) -> torch.Tensor:
+        """The same output with no cache: both streams run jointly over the whole sequence."""
+        num_prefix, chunk = prefix.shape[1], suffix.shape[1] - 1
+        blocks = block_ids(num_prefix, chunk, suffix.device)
+        key_valid = torch.cat([prefix_valid, prefix_valid.new_ones(suffix.shape[0], chunk + 1)], dim=1)
+        mask = attention_mask(blocks, blocks, key_valid)  # (B, 1, P + 1 + H, P + 1 + H)
+        x_p, x_e = prefix, suffix
+        for p_layer, e_layer in zip(self.prefix_layers, self.action_expert.layers, strict=True):
+            q_p, k_p, v_p = p_layer.qkv(x_p)
+            q_e, k_e, v_e = e_layer.qkv(x_e)
+            k, v = torch.cat([k_p, k_e], dim=2), torch.cat([v_p, v_e], dim=2)
+            if p_layer.kv_only:  # nobody reads the prefix's last outputs
+                out_e = F.scaled_dot_product_attention(q_e, k, v, attn_mask=mask[:, :, num_prefix:])
+            else:
+                out = F.scaled_dot_product_attention(torch.cat([q_p, q_e], 2), k, v, attn_mask=mask)
+                out_p, out_e = out[:, :, :num_prefix], out[:, :, num_prefix:]
+                x_p = p_layer.finish(x_p, out_p)
+            x_e = e_layer.finish(x_e, out_e)
+        return self.action_expert.head(x_e)
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+
+
+# -- the policy ---------------------------------------------------------------------
+
+
+@register_policy("vla")
+class VLAPolicy(PretrainedPolicy):
+    """The policy API (LeRobot's): ``predict_action_chunk``, ``select_action``, ``reset``.
+
+    Batches use LeRobot's keys: ``observation.images.<camera>`` ``(B, 3, S, S)`` floats in
+    [0, 1], ``observation.state`` ``(B, state_dim)``, ``task`` (B instruction strings),
+    and for training ``action`` ``(B, H, action_dim)`` with ``action_is_pad`` ``(B, H)``.
+    ``select_action`` also takes a Gymnasium observation (single or from a vector env).
+    """
+
+    config_class = VLAConfig
+
+    def __init__(self, config: VLAConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = VLAModel(config)
+        self.state_norm = Normalizer(config.state_dim, config.normalization)
+        self.action_norm = Normalizer(config.action_dim, config.normalization)
+        if config.moe is not None:  # rebuild an upcycled policy (weights are loaded after)
+            adamoe.upcycle(
+                self.model.action_expert, MoEConfig.from_dict(config.moe["config"]), EXPERT_FFN_PATTERN, "paper"
+            )
+        self._queue: deque[np.ndarray] = deque()
+
+    # -- set-up -------------------------------------------------------------------
+
+    def set_normalization(self, stats: dict[str, dict[str, Any]]) -> None:
+        """Statistics from the training data: ``{"observation.state": {...}, "action": {...}}``."""
+        self.state_norm.fit(stats["observation.state"])
+        self.action_norm.fit(stats["action"])
+
+    def upcycle(
+        self, moe_config: MoEConfig | None = None, init: str = "paper", generator: torch.Generator | None = None
+    ) -> adamoe.UpcycleReport:
+        """Turn the action expert's FFNs into MoE layers (AdaMoE by default), in place."""
+        if self.config.moe is not None:
+            raise ValueError("this policy is already upcycled")
+        report = adamoe.upcycle(self.model.action_expert, moe_config, EXPERT_FFN_PATTERN, init, generator)
+        self.config.moe = {
+            "config": report.config.to_dict(),
+            "init": init,
+            "layers": [f"model.action_expert.{name}" for name in report.names],
+        }
+        return report
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Total parameters, and those active for one token (routed experts count top_k of E)."""
+        total = sum(p.numel() for p in self.parameters())
+        inactive = 0
+        for layer in adamoe.moe_layers(self).values():
+            per_expert = sum(p.numel() for p in layer.experts.parameters()) // layer.config.num_experts
+            inactive += (layer.config.num_experts - layer.config.top_k) * per_expert
+        return {"total": total, "active": total - inactive}
+
+    # -- inputs -------------------------------------------------------------------
+
+    def _images(self, batch: dict[str, Any]) -> torch.Tensor:
+        c = self.config
+        images = []
+        for camera in c.cameras:
+            key = f"observation.images.{camera}"
+            if key not in batch:
+                present = sorted(k for k in batch if k.startswith("observation.images."))
+                raise ValueError(f"batch is missing camera {camera!r} ({key}); it has {present}")
+            image = torch.as_tensor(batch[key])
+            if image.ndim != 4 or tuple(image.shape[1:]) != (3, c.image_size, c.image_size):
+                raise ValueError(
+                    f"{key} must have shape (B, 3, {c.image_size}, {c.image_size}), got {tuple(image.shape)}"
+                )
+            if not torch.isfinite(image).all():
+                raise ValueError(f"{key} contains NaN or infinite values")
+            images.append(image.float())
+        return torch.stack(images, dim=1).to(self._device)  # (B, cams, 3, S, S)
+
+    def _state(self, batch: dict[str, Any]) -> torch.Tensor:
+        if "observation.state" not in batch:
+            raise ValueError("batch is missing 'observation.state'")
+        state = torch.as_tensor(batch["observation.state"]).float()
+        if state.ndim != 2 or state.shape[1] != self.config.state_dim:
+            raise ValueError(
+                f"observation.state must have shape (B, {self.config.state_dim}), got {tuple(state.shape)}"
+            )
+        if not torch.isfinite(state).all():
+            raise ValueError(f"observation.state contains NaN or infinite values: {state.tolist()}")
+        return self.state_norm.normalize(state.to(self._device))
+
+    def _text(self, batch: dict[str, Any], size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        task = batch.get("task")
+        if task is None:
+            raise ValueError("batch is missing 'task' (the instruction strings)")
+        task = [task] if isinstance(task, str) else list(task)
+        if len(task) != size:
+            raise ValueError(f"got {len(task)} instructions for a batch of {size}")
+        c = self.config
+        encoded = encode(task, c.max_words, c.text_buckets, c.ngram_range, c.max_ngrams)
+        return tuple(t.to(self._device) for t in encoded)
+
+    @property
+    def _device(self) -> torch.device:
+        return self.model.image_pos.device
+
+    def batch_from_observation(self, obs: dict[str, Any]) -> dict[str, Any]:
+        """A Gymnasium observation (one env, or stacked by a vector env) as a batch."""
+        if "pixels" not in obs:
+            raise ValueError(f"observation has no 'pixels'; the VLA needs cameras {list(self.config.cameras)}")
+        state = np.asarray(obs["agent_pos"], dtype=np.float32)
+        single = state.ndim == 1
+        batch: dict[str, Any] = {"observation.state": torch.from_numpy(np.atleast_2d(state))}
+        size = self.config.image_size
+        for camera in self.config.cameras:
+            if camera not in obs["pixels"]:
+                raise ValueError(f"observation is missing camera {camera!r}; it has {sorted(obs['pixels'])}")
+            image = np.asarray(obs["pixels"][camera])
+            image = image[None] if single else image
+            if image.ndim != 4 or image.shape[1:] != (size, size, 3):
+                raise ValueError(f"camera {camera!r} image must be ({size}, {size}, 3) uint8, got {image.shape[1:]}")
+            batch[f"observation.images.{camera}"] = torch.from_numpy(image).permute(0, 3, 1, 2).float() / 255.0
+        instruction = obs["instruction"]
+        batch["task"] = [instruction] if isinstance(instruction, str) else list(instruction)
+        return batch
+
+    # -- training -----------------------------------------------------------------
+
+    def forward(self, batch: dict[str, Any], step: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
+        """The flow-matching loss of a training batch (plus MoE balance losses when upcycled)."""
+        c = self.config
+        images = self._images(batch)
+        state = self._state(batch)
+        text = self._text(batch, images.shape[0])
+        actions = self.action_norm.normalize(torch.as_tensor(batch["action"]).float().to(self._device))
+        is_pad = torch.as_tensor(batch["action_is_pad"]).bool().to(self._device)
+        prefix, prefix_valid = self.model.embed_prefix(images, text)
+        cache = self.model.prefix_cache(prefix, prefix_valid)
+
+        k = c.flow_samples  # several (t, noise) draws per encoded prefix
+        repeat = lambda x: x.repeat_interleave(k, dim=0)
+        cache = [(repeat(kk), repeat(vv)) for kk, vv in cache]
+        actions, is_pad = repeat(actions), repeat(is_pad)
+        noise = torch.randn_like(actions)
+        t = sample_time(actions.shape[0], c.time_beta, c.time_min).to(actions.device)
+        x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * actions
+        suffix = self.model.action_expert.embed(repeat(state), x_t, t)
+        output = self.model.expert_cached(cache, repeat(prefix_valid), suffix)
+        loss = flow_matching_loss(output, noise, actions, is_pad, t, c.prediction)
+        logs = {"flow_loss": float(loss.detach())}
+        aux, aux_logs = adamoe.moe_aux_loss(self, step)
+        if aux is not None:
+            loss = loss + aux
+            logs.update(aux_logs)
+        return loss, logs
+
+    # -- inference ----------------------------------------------------------------
+
+    @torch.no_grad()
+    def predict_action_chunk(
+        self,
+        batch: dict[str, Any],
+        noise: torch.Tensor | None = None,
+        use_cache: bool = True,
+        num_steps: int | None = None,
+    ) -> torch.Tensor:
+        """``(B, H, action_dim)`` unnormalised actions, integrated from noise with Euler steps."""
+        c = self.config
+        images = self._images(batch)
+        state = self._state(batch)
+        prefix, prefix_valid = self.model.embed_prefix(images, self._text(batch, images.shape[0]))
+        cache = self.model.prefix_cache(prefix, prefix_valid) if use_cache else None
+        b = images.shape[0]
+        x = torch.randn(b, c.chunk_size, c.action_dim, device=self._device) if noise is None else noise.to(self._device)
+        steps = num_steps or c.num_inference_steps
+        dt = -1.0 / steps
+        for i in range(steps):
+            t = torch.full((b,), 1.0 + i * dt, device=self._device)
+            suffix = self.model.action_expert.embed(state, x, t)
+            if use_cache:
+                output = self.model.expert_cached(cache, prefix_valid, suffix)
+            else:
+                output = self.model.expert_joint(prefix, prefix_valid, suffix)
+            x = x + dt * velocity(output, x, t, c.prediction)
+        actions = self.action_norm.unnormalize(x)
+        if not torch.isfinite(actions).all():
+            raise RuntimeError("the policy produced non-finite actions; check the checkpoint's statistics")
+        return actions
+
+    def reset(self) -> None:
+        """Clear the action queue (call at every episode start)."""
+        self._queue.clear()
+
+    @torch.no_grad()
+    def select_action(self, obs: dict[str, Any]) -> np.ndarray:
+        """The next action for an observation: ``(action_dim,)``, or ``(B, action_dim)`` for a
+        vector env's batch; a new chunk is predicted when the queue runs empty, and its first
+        ``n_action_steps`` actions are queued."""
+        batch = obs if "observation.state" in obs else self.batch_from_observation(obs)
+        single = "agent_pos" in obs and np.asarray(obs["agent_pos"]).ndim == 1
+        if not self._queue:
+            chunk = self.predict_action_chunk(batch)[:, : self.config.n_action_steps]  # (B, n, A)
+            self._queue.extend(chunk.transpose(0, 1).cpu().numpy())
+        action = self._queue.popleft()
+        return action[0] if single else action

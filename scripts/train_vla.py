@@ -1,0 +1,107 @@
+"""Train the pi0-style VLA policy on demonstration datasets, then (optionally) evaluate it.
+
+    python scripts/train_vla.py --root outputs/demo/datasets --preset small --max-minutes 10 --eval-episodes 20
+
+Datasets: ``--datasets`` ids or paths, or by default the ``--dataset-name`` datasets of
+every task in ``--suite`` under ``--root`` (``scripts/collect.py`` writes them). Writes
+under ``--output-dir``: metrics.jsonl, loss.png, checkpoints/last/{pretrained_model,
+training_state}/ and, with ``--eval-episodes``, eval/eval_info.json and videos. Re-running
+with the same output directory resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import envs  # noqa: E402,F401  (GL backend first)
+from envs.collection import dataset_id_for  # noqa: E402
+from envs.registration import resolve_env_ids  # noqa: E402
+from policies import VLAPolicy, vla_config  # noqa: E402
+from policies.data import ChunkDataset  # noqa: E402
+from policies.evaluation import EvalConfig, evaluate  # noqa: E402
+from policies.training import TrainConfig, train  # noqa: E402
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", nargs="+", default=None, help="Minari dataset ids or paths")
+    p.add_argument("--suite", nargs="+", default=["tabletop"], help="tasks whose datasets to train on")
+    p.add_argument("--dataset-name", default="demos")
+    p.add_argument("--root", default=None, help="dataset root (default $MINARI_DATASETS_PATH or outputs/datasets)")
+    p.add_argument("--preset", default="small", help="VLA preset: tiny, small, base")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="VLAConfig overrides")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--ema", type=float, default=None, help="EMA decay of the weights (e.g. 0.999)")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop and save after this much training time")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--output-dir", default="outputs/train_vla")
+    p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    p.add_argument("--eval-episodes", type=int, default=0, help="episodes per task to evaluate after training")
+    p.add_argument("--eval-split", default="train", choices=["train", "heldout", "both"])
+    p.add_argument("--videos", type=int, default=1, help="videos per task in evaluation")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    config = vla_config(args.preset, **parse_overrides(args.set))
+    env_ids = resolve_env_ids(args.suite)
+    datasets = args.datasets or [dataset_id_for(env_id, args.dataset_name) for env_id in env_ids]
+    data = ChunkDataset(datasets, config.chunk_size, config.cameras, root=args.root)
+    print(f"{len(data):,} frames from {data.num_episodes} episodes in {len(datasets)} datasets")
+    policy = VLAPolicy(config)
+    policy.set_normalization(data.stats())
+    counts = policy.parameter_counts()
+    print(f"VLA preset {args.preset!r}: {counts['total']:,} parameters")
+    train_config = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        ema_decay=args.ema,
+        seed=args.seed,
+        max_minutes=args.max_minutes,
+        device=args.device,
+    )
+    summary = train(policy, data, train_config, args.output_dir, resume=not args.no_resume)
+    print(json.dumps(summary, indent=2))
+    if args.eval_episodes > 0:
+        splits = ["train", "heldout"] if args.eval_split == "both" else [args.eval_split]
+        for split in splits:
+            out = Path(args.output_dir) / ("eval" if split == "train" else f"eval_{split}")
+            result = evaluate(
+                policy,
+                list(env_ids),
+                EvalConfig(episodes_per_task=args.eval_episodes, instruction_split=split, videos_per_task=args.videos),
+                out,
+            )
+            print(f"\n{split} instructions: mean success {100 * result['aggregated']['success_rate']:.1f}%")
+            for task, row in result["per_task"].items():
+                print(f"  {task:24s} {100 * row['success_rate']:5.1f}%  ({row['episodes']} episodes)")
+            print(f"wrote {out / 'eval_info.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

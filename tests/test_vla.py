@@ -1,0 +1,326 @@
+"""The pi0-style VLA policy: attention mask, KV cache, checkpoints, upcycling, bad input."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import adamoe
+import policies
+from adamoe import MoEConfig
+from policies import VLAPolicy, vla_config
+from policies.tokenizer import encode
+from policies.vla.modeling_vla import (
+    attention_mask,
+    block_ids,
+    flow_matching_loss,
+    sample_time,
+    time_embedding,
+    velocity,
+)
+
+
+def make_policy(seed=0, **overrides):
+    torch.manual_seed(seed)
+    policy = VLAPolicy(vla_config("tiny", **overrides))
+    stats = {
+        "observation.state": {"mean": np.zeros(4), "std": np.full(4, 0.1), "min": -np.ones(4), "max": np.ones(4)},
+        "action": {"mean": np.zeros(4), "std": np.full(4, 0.5), "min": -np.ones(4), "max": np.ones(4)},
+    }
+    policy.set_normalization(stats)
+    return policy.eval()
+
+
+def make_batch(policy, size=3, seed=1, tasks=None):
+    g = torch.Generator().manual_seed(seed)
+    c = policy.config
+    batch = {
+        f"observation.images.{cam}": torch.rand(size, 3, c.image_size, c.image_size, generator=g) for cam in c.cameras
+    }
+    batch["observation.state"] = torch.randn(size, c.state_dim, generator=g) * 0.1
+    batch["task"] = tasks or ["pick up the red cube", "stack the blue cube on the red one", "reach"][:size]
+    batch["action"] = torch.rand(size, c.chunk_size, c.action_dim, generator=g) * 2 - 1
+    batch["action_is_pad"] = torch.zeros(size, c.chunk_size, dtype=torch.bool)
+    return batch
+
+
+def env_observation(policy, rng=None):
+    rng = rng or np.random.default_rng(0)
+    size = policy.config.image_size
+    return {
+        "pixels": {cam: rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for cam in policy.config.cameras},
+        "agent_pos": rng.normal(size=4).astype(np.float32) * 0.1,
+        "environment_state": np.zeros(25, dtype=np.float32),
+        "instruction": "lift the red cube off the table",
+    }
+
+
+# -- the math -----------------------------------------------------------------------
+
+
+def test_block_mask_is_pi0s_prefix_state_action_pattern():
+    prefix, chunk = 4, 3
+    blocks = block_ids(prefix, chunk)
+    assert blocks.tolist() == [0, 0, 0, 0, 1, 2, 2, 2]
+    key_valid = torch.tensor([[True, True, True, False, True, True, True, True]])  # prefix token 3 is padding
+    mask = attention_mask(blocks, blocks, key_valid)[0, 0]
+    allowed = lambda q: set(torch.nonzero(mask[q]).flatten().tolist())
+    for q in range(prefix):  # the prefix sees only the (valid) prefix
+        assert allowed(q) == {0, 1, 2}
+    assert allowed(4) == {0, 1, 2, 4}  # the state token: prefix and itself
+    for q in range(5, 8):  # actions: everything valid, each other included
+        assert allowed(q) == {0, 1, 2, 4, 5, 6, 7}
+
+
+def test_flow_time_follows_beta_and_stays_in_range():
+    torch.manual_seed(0)
+    t = sample_time(200_000, (1.5, 1.0), 0.001)
+    assert t.min() > 0.001 - 1e-7 and t.max() <= 1.0
+    # Beta(1.5, 1) has mean 0.6; squashed into (0.001, 1): 0.6 * 0.999 + 0.001.
+    assert t.mean().item() == pytest.approx(0.6 * 0.999 + 0.001, abs=3e-3)
+
+
+def test_time_embedding_is_sinusoidal_with_geometric_periods():
+    emb = time_embedding(torch.tensor([0.0, 0.25]), 8, 4e-3, 4.0)
+    assert emb.shape == (2, 8)
+    torch.testing.assert_close(emb[0], torch.tensor([0.0] * 4 + [1.0] * 4))
+    period = 4e-3 * (4.0 / 4e-3) ** (torch.arange(4, dtype=torch.float64) / 3)
+    torch.testing.assert_close(emb[1, :4], torch.sin(2 * torch.pi * 0.25 / period).float())
+
+
+def test_flow_matching_loss_ignores_padded_steps_for_both_parameterisations():
+    noise, actions, t = torch.zeros(1, 3, 2), torch.zeros(1, 3, 2), torch.tensor([0.5])
+    output = torch.tensor([[[1.0, 1.0], [2.0, 2.0], [100.0, 100.0]]])
+    is_pad = torch.tensor([[False, False, True]])
+    for prediction in ("velocity", "actions"):
+        loss = flow_matching_loss(output, noise, actions, is_pad, t, prediction)
+        assert loss.item() == pytest.approx((1 + 4) / 2)
+
+
+def test_action_prediction_is_the_velocity_loss_weighted_by_t_squared():
+    g = torch.Generator().manual_seed(0)
+    actions, noise = torch.randn(5, 4, 2, generator=g), torch.randn(5, 4, 2, generator=g)
+    t = torch.rand(5, generator=g) * 0.9 + 0.1
+    x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * actions
+    a_hat = actions + 0.1 * torch.randn(5, 4, 2, generator=g)
+    v_hat = velocity(a_hat, x_t, t, "actions")
+    per_sample_v = (v_hat - (noise - actions)).pow(2).mean((1, 2))
+    per_sample_a = (a_hat - actions).pow(2).mean((1, 2))
+    torch.testing.assert_close(per_sample_a, per_sample_v * t**2)
+    # An exact clean-chunk prediction integrates to the chunk: one Euler step from t lands on it.
+    torch.testing.assert_close(x_t - t[:, None, None] * velocity(actions, x_t, t, "actions"), actions)
+
+
+def test_tokenizer_gives_a_word_the_same_token_in_any_sentence():
+    ids, grams, valid = encode(["pick up the red cube", "lift the Red block!"], max_words=8)
+    assert ids.shape == (2, 8) and grams.shape == (2, 8, 24)
+    assert valid.sum(1).tolist() == [5, 4]
+    assert ids[0, 3] == ids[1, 2]  # "red" (case and punctuation ignored)
+    assert ids[0, 2] == ids[1, 1]  # "the"
+    assert ids[0, 4] != ids[1, 3]  # "cube" vs "block"
+
+
+def test_tokenizer_never_fails_and_shares_subwords_between_related_words():
+    ids, grams, valid = encode(["zx9 qüark ☃ blocks", "", "a " * 40], max_words=16)
+    assert valid[0].sum() == 3 and valid[1].sum() == 0 and valid[2].sum() == 16
+    block, blocks = encode(["block", "blocks"], max_words=1)[1][:, 0]
+    shared = set(block.tolist()) & set(blocks.tolist()) - {0}
+    assert len(shared) >= 5  # "<bl", "blo", "loc", "ock", "<blo", ...
+    with pytest.raises(ValueError, match="strings"):
+        encode([3])
+
+
+def test_token_ids_are_stable_across_processes():
+    import os
+    import subprocess
+    import sys
+
+    code = "from policies.tokenizer import encode; print(encode('stack the blue cube')[0][0, :4].tolist())"
+    env = {**os.environ, "PYTHONHASHSEED": "123"}  # str hashes differ; our ids must not
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == str(encode("stack the blue cube")[0][0, :4].tolist())
+
+
+# -- sampling -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("upcycled", [False, True])
+def test_cached_and_uncached_sampling_give_the_same_actions(upcycled):
+    policy = make_policy()
+    if upcycled:
+        policy.upcycle(MoEConfig(num_experts=4, top_k=1, router_init_std=0.5), init="paper")
+    batch = make_batch(policy)
+    noise = torch.randn(3, policy.config.chunk_size, 4, generator=torch.Generator().manual_seed(2))
+    cached = policy.predict_action_chunk(batch, noise=noise, use_cache=True)
+    uncached = policy.predict_action_chunk(batch, noise=noise, use_cache=False)
+    assert cached.shape == (3, policy.config.chunk_size, 4)
+    torch.testing.assert_close(cached, uncached, atol=1e-5, rtol=1e-5)
+
+
+def test_actions_depend_on_the_instruction():
+    policy = make_policy()
+    batch = make_batch(policy, size=2, tasks=["pick up the red cube", "pick up the blue cube"])
+    batch = {k: (v[:1].expand(2, *v.shape[1:]) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    noise = torch.zeros(2, policy.config.chunk_size, 4)
+    out = policy.predict_action_chunk(batch, noise=noise)
+    assert not torch.allclose(out[0], out[1])
+
+
+def test_select_action_executes_n_action_steps_of_each_chunk_then_replans():
+    policy = make_policy()
+    calls = []
+    original = policy.predict_action_chunk
+
+    def spy(batch, **kw):
+        calls.append(1)
+        return original(batch, **kw)
+
+    policy.predict_action_chunk = spy
+    obs = env_observation(policy)
+    actions = [policy.select_action(obs) for _ in range(5)]
+    n = policy.config.n_action_steps
+    assert len(calls) == -(-5 // n)
+    assert all(a.shape == (4,) and a.dtype == np.float32 for a in actions)
+    policy.reset()
+    policy.select_action(obs)
+    assert len(calls) == -(-5 // n) + 1
+
+
+def test_select_action_takes_a_vector_envs_batch():
+    policy = make_policy()
+    rng = np.random.default_rng(0)
+    obs = [env_observation(policy, rng) for _ in range(3)]
+    stacked = {
+        "pixels": {c: np.stack([o["pixels"][c] for o in obs]) for c in policy.config.cameras},
+        "agent_pos": np.stack([o["agent_pos"] for o in obs]),
+        "instruction": tuple(o["instruction"] for o in obs),
+    }
+    assert policy.select_action(stacked).shape == (3, 4)
+
+
+def test_preserve_upcycling_keeps_the_dense_policys_actions():
+    dense = make_policy()
+    moe = copy.deepcopy(dense)
+    report = moe.upcycle(MoEConfig(num_experts=4, top_k=1), init="preserve")
+    assert report.names == [f"layers.{i}.mlp" for i in range(dense.config.depth)]
+    batch = make_batch(dense)
+    noise = torch.randn(3, dense.config.chunk_size, 4)
+    torch.testing.assert_close(
+        moe.predict_action_chunk(batch, noise=noise), dense.predict_action_chunk(batch, noise=noise)
+    )
+    counts = moe.parameter_counts()
+    assert counts["total"] > counts["active"] > dense.parameter_counts()["total"]
+
+
+def test_training_loss_includes_the_moe_balance_loss_when_upcycled():
+    policy = make_policy()
+    policy.upcycle(MoEConfig(num_experts=4, top_k=1), init="paper")
+    policy.train()
+    loss, logs = policy(make_batch(policy), step=0)
+    assert "balance_loss" in logs and loss.item() > logs["flow_loss"]
+    loss.backward()
+    layer = policy.model.action_expert.layers[0].mlp
+    assert layer.router.gate.weight.grad.abs().sum() > 0
+
+
+# -- checkpoints ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("init", [None, "paper", "preserve"])
+def test_save_and_load_round_trip_rebuilds_the_exact_policy(tmp_path, init):
+    policy = make_policy()
+    if init:
+        policy.upcycle(MoEConfig(num_experts=4, top_k=2), init=init)
+        with torch.no_grad():  # move off the initialisation so the check means something
+            for p in policy.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+    policy.save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["type"] == "vla" and config["preset"] == "tiny"
+    assert (config["moe"] is None) == (init is None)
+    loaded = policies.from_pretrained(tmp_path / "ckpt")
+    assert isinstance(loaded, VLAPolicy)
+    assert len(adamoe.moe_layers(loaded)) == (0 if init is None else policy.config.depth)
+    batch = make_batch(policy)
+    noise = torch.randn(3, policy.config.chunk_size, 4)
+    torch.testing.assert_close(
+        loaded.predict_action_chunk(batch, noise=noise), policy.predict_action_chunk(batch, noise=noise)
+    )
+    torch.testing.assert_close(loaded.action_norm.std, policy.action_norm.std)
+
+
+def test_checkpoint_with_a_missing_or_misshaped_tensor_names_it(tmp_path):
+    make_policy().save_pretrained(tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    tensors = load_file(str(weights))
+    missing = dict(tensors)
+    del missing["model.image_pos"]
+    save_file(missing, str(weights))
+    with pytest.raises(ValueError, match="missing tensor 'model.image_pos'"):
+        policies.from_pretrained(tmp_path / "ckpt")
+    misshaped = dict(tensors)
+    misshaped["action_norm.std"] = torch.ones(5)
+    save_file(misshaped, str(weights))
+    with pytest.raises(ValueError, match=r"'action_norm.std' has shape \(5,\)"):
+        policies.from_pretrained(tmp_path / "ckpt")
+
+
+def test_unknown_policy_type_lists_the_known_ones(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"type": "diffusion"}))
+    with pytest.raises(ValueError, match=r"unknown policy type 'diffusion'.*'vla'"):
+        policies.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="unknown VLAConfig fields.*width"):
+        policies.VLAConfig.from_dict({"type": "vla", "width": 3})
+    with pytest.raises(ValueError, match="unknown VLA preset 'huge'"):
+        vla_config("huge")
+
+
+def test_save_pretrained_replaces_a_checkpoint_atomically(tmp_path, monkeypatch):
+    policy = make_policy()
+    policy.save_pretrained(tmp_path / "ckpt")
+    before = (tmp_path / "ckpt" / "model.safetensors").read_bytes()
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(policies.pretrained, "save_tensors", broken)
+    with torch.no_grad():
+        policy.model.image_pos.add_(1.0)
+    with pytest.raises(OSError, match="disk full"):
+        policy.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "model.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+# -- bad input ------------------------------------------------------------------------
+
+
+def test_missing_camera_wrong_image_shape_and_nan_state_are_value_errors():
+    policy = make_policy()
+    obs = env_observation(policy)
+    no_wrist = {**obs, "pixels": {"front": obs["pixels"]["front"]}}
+    with pytest.raises(ValueError, match="missing camera 'wrist'"):
+        policy.select_action(no_wrist)
+    small = {**obs, "pixels": {**obs["pixels"], "front": obs["pixels"]["front"][:32, :32]}}
+    with pytest.raises(ValueError, match=r"'front' image must be \(64, 64, 3\)"):
+        policy.select_action(small)
+    nan = {**obs, "agent_pos": np.array([0.0, np.nan, 0.0, 0.0], dtype=np.float32)}
+    with pytest.raises(ValueError, match="NaN"):
+        policy.select_action(nan)
+    batch = make_batch(policy)
+    batch["observation.state"] = torch.ones(3, 5)
+    with pytest.raises(ValueError, match=r"observation.state must have shape \(B, 4\)"):
+        policy.predict_action_chunk(batch)
+
+
+def test_bad_config_values_name_the_field():
+    with pytest.raises(ValueError, match="n_action_steps=12 exceeds chunk_size=10"):
+        vla_config("small", n_action_steps=12)
+    with pytest.raises(ValueError, match="image_size=60 must be a multiple of patch=16"):
+        vla_config("small", image_size=60)
+    with pytest.raises(ValueError, match="normalization='zscore'"):
+        vla_config("small", normalization="zscore")
