@@ -41,7 +41,7 @@ class ChunkDataset:
         self.chunk_size = chunk_size
         self.cameras = tuple(cameras)
         images: dict[str, list[np.ndarray]] = {c: [] for c in self.cameras}
-        states, actions, tasks, starts, ends, episode_tasks = [], [], [], [], [], []
+        states, actions, tasks, starts, ends, episode_tasks, scenes = [], [], [], [], [], [], []
         frames = 0
         for source in tqdm(datasets, desc="load datasets", unit="ds", disable=not progress):
             ds = source if isinstance(source, minari.MinariDataset) else load_dataset(source, root)
@@ -58,6 +58,8 @@ class ChunkDataset:
                         raise ValueError(f"dataset {ds.id!r} has no camera {camera!r}; it has {have}")
                     images[camera].append(np.asarray(pixels[camera][:length], dtype=np.uint8))
                 states.append(np.asarray(_state(obs, ds.id)[:length], dtype=np.float32))
+                if isinstance(obs, dict) and "environment_state" in obs:
+                    scenes.append(np.asarray(obs["environment_state"][:length], dtype=np.float32))
                 actions.append(np.asarray(episode.actions, dtype=np.float32).reshape(length, -1))
                 tasks.append(_instruction(obs, meta, ds.id))
                 episode_tasks.append(meta.get("task", ds.id))
@@ -69,6 +71,8 @@ class ChunkDataset:
         self.images = {c: np.concatenate(v) for c, v in images.items()}
         self.state = np.concatenate(states)
         self.actions = np.concatenate(actions)
+        # Privileged object state, when every episode has it: a training target only.
+        self.environment_state = np.concatenate(scenes) if len(scenes) == len(states) else None
         self.episode_instruction = tasks
         self.episode_task = episode_tasks
         lengths = np.array(ends) - np.array(starts)
@@ -83,7 +87,10 @@ class ChunkDataset:
         return len(self.episode_instruction)
 
     def stats(self) -> dict[str, dict[str, np.ndarray]]:
-        return {"observation.state": feature_stats(self.state), "action": feature_stats(self.actions)}
+        stats = {"observation.state": feature_stats(self.state), "action": feature_stats(self.actions)}
+        if self.environment_state is not None:
+            stats["observation.environment_state"] = feature_stats(self.environment_state)
+        return stats
 
     def get(self, indices: np.ndarray) -> dict[str, Any]:
         """A batch (LeRobot keys) of the frames at ``indices``; images as floats in [0, 1]."""
@@ -97,6 +104,8 @@ class ChunkDataset:
             "action_is_pad": torch.from_numpy(is_pad),
             "task": [self.episode_instruction[e] for e in self.frame_episode[indices]],
         }
+        if self.environment_state is not None:
+            batch["observation.environment_state"] = torch.from_numpy(self.environment_state[indices])
         for camera, frames in self.images.items():
             batch[f"observation.images.{camera}"] = torch.from_numpy(frames[indices]).permute(0, 3, 1, 2).float() / 255
         return batch

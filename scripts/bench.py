@@ -22,6 +22,7 @@ import envs  # noqa: E402,F401  (GL backend first)
 SECTIONS = {
     "envs": "bench_envs",
     "moe": "bench_moe",
+    "vla": "bench_vla",
 }
 
 

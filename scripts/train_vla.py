@@ -49,9 +49,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--root", default=None, help="dataset root (default $MINARI_DATASETS_PATH or outputs/datasets)")
     p.add_argument("--preset", default="small", help="VLA preset: tiny, small, base")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="VLAConfig overrides")
+    p.add_argument(
+        "--scene-aux",
+        type=float,
+        default=0.0,
+        metavar="WEIGHT",
+        help="train-time auxiliary loss: regress the datasets' environment_state from the image tokens",
+    )
     p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=None, help="EMA decay of the weights (e.g. 0.999)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop and save after this much training time")
     p.add_argument("--seed", type=int, default=0)
@@ -70,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     env_ids = resolve_env_ids(args.suite)
     datasets = args.datasets or [dataset_id_for(env_id, args.dataset_name) for env_id in env_ids]
     data = ChunkDataset(datasets, config.chunk_size, config.cameras, root=args.root)
+    if args.scene_aux > 0:
+        if data.environment_state is None:
+            raise SystemExit("--scene-aux needs datasets whose observations hold environment_state")
+        config.scene_aux_dim, config.scene_aux_weight = data.environment_state.shape[1], args.scene_aux
     print(f"{len(data):,} frames from {data.num_episodes} episodes in {len(datasets)} datasets")
     policy = VLAPolicy(config)
     policy.set_normalization(data.stats())

@@ -224,3 +224,25 @@ def test_summary_aggregates_success_per_task_and_overall():
     s = summarize(eps)
     assert s["per_task"]["A"]["success_rate"] == 0.5 and s["per_task"]["B"]["success_rate"] == 1.0
     assert s["aggregated"]["success_rate"] == 0.75 and s["aggregated"]["episodes"] == 3
+
+
+def test_scene_auxiliary_loss_is_training_only(dataset, tmp_path):
+    policy = tiny_policy(dataset, scene_aux_dim=25, scene_aux_weight=0.5)
+    batch = dataset.get(np.arange(4))
+    assert batch["observation.environment_state"].shape == (4, 25)
+    policy.train()
+    loss, logs = policy(batch)
+    assert logs["scene_loss"] > 0 and loss.item() == pytest.approx(
+        logs["flow_loss"] + 0.5 * logs["scene_loss"], rel=1e-4
+    )
+    loss.backward()
+    assert policy.model.scene_readout[0].weight.grad.abs().sum() > 0
+    assert policy.model.vision.keypoint_logits.weight.grad.abs().sum() > 0
+    policy.eval()
+    without = {k: v for k, v in batch.items() if k != "observation.environment_state"}
+    noise = torch.randn(4, 4, 4)
+    actions = policy.predict_action_chunk(without, noise=noise)  # inference never reads it
+    policy.save_pretrained(tmp_path / "ckpt")
+    torch.testing.assert_close(from_pretrained(tmp_path / "ckpt").predict_action_chunk(without, noise=noise), actions)
+    with pytest.raises(ValueError, match="environment_state"):
+        policy.train()(without)

@@ -320,7 +320,7 @@ def test_missing_camera_wrong_image_shape_and_nan_state_are_value_errors():
 def test_bad_config_values_name_the_field():
     with pytest.raises(ValueError, match="n_action_steps=12 exceeds chunk_size=10"):
         vla_config("small", n_action_steps=12)
-    with pytest.raises(ValueError, match="image_size=60 must be a multiple of patch=16"):
+    with pytest.raises(ValueError, match="image_size=60 must be a multiple of patch=32"):
         vla_config("small", image_size=60)
     with pytest.raises(ValueError, match="normalization='zscore'"):
         vla_config("small", normalization="zscore")

@@ -265,6 +265,12 @@ class VLAModel(nn.Module):
             for i in range(c.depth)
         )
         self.action_expert = ActionExpert(c)
+        self.scene_readout = None
+        if c.scene_aux_dim:  # training-only: object positions from the image tokens (see VLAConfig)
+            image_tokens = len(c.cameras) * c.tokens_per_image
+            self.scene_readout = nn.Sequential(
+                nn.Linear(image_tokens * d, 256), nn.GELU(), nn.Linear(256, c.scene_aux_dim)
+            )
         self.apply(_init_weights)
 
     # prefix
@@ -362,6 +368,8 @@ class VLAPolicy(PretrainedPolicy):
         self.model = VLAModel(config)
         self.state_norm = Normalizer(config.state_dim, config.normalization)
         self.action_norm = Normalizer(config.action_dim, config.normalization)
+        if config.scene_aux_dim:
+            self.scene_norm = Normalizer(config.scene_aux_dim, config.normalization)
         if config.moe is not None:  # rebuild an upcycled policy (weights are loaded after)
             adamoe.upcycle(
                 self.model.action_expert, MoEConfig.from_dict(config.moe["config"]), EXPERT_FFN_PATTERN, "paper"
@@ -374,6 +382,8 @@ class VLAPolicy(PretrainedPolicy):
         """Statistics from the training data: ``{"observation.state": {...}, "action": {...}}``."""
         self.state_norm.fit(stats["observation.state"])
         self.action_norm.fit(stats["action"])
+        if self.config.scene_aux_dim:
+            self.scene_norm.fit(stats["observation.environment_state"])
 
     def upcycle(
         self, moe_config: MoEConfig | None = None, init: str = "paper", generator: torch.Generator | None = None
@@ -438,8 +448,11 @@ class VLAPolicy(PretrainedPolicy):
         if len(task) != size:
             raise ValueError(f"got {len(task)} instructions for a batch of {size}")
         c = self.config
-        encoded = encode(task, c.max_words, c.text_buckets, c.ngram_range, c.max_ngrams)
-        return tuple(t.to(self._device) for t in encoded)
+        ids, grams, valid = encode(task, c.max_words, c.text_buckets, c.ngram_range, c.max_ngrams)
+        # Trailing columns that are padding in every row change nothing (padding is never a
+        # key, and nobody reads a padding token's output): drop them to save compute.
+        width = max(1, int(valid.sum(1).max()))
+        return tuple(t[:, :width].to(self._device) for t in (ids, grams, valid))
 
     @property
     def _device(self) -> torch.device:
@@ -489,6 +502,15 @@ class VLAPolicy(PretrainedPolicy):
         output = self.model.expert_cached(cache, repeat(prefix_valid), suffix)
         loss = flow_matching_loss(output, noise, actions, is_pad, t, c.prediction)
         logs = {"flow_loss": float(loss.detach())}
+        if self.model.scene_readout is not None:
+            if "observation.environment_state" not in batch:
+                raise ValueError("scene_aux_dim > 0 needs 'observation.environment_state' in training batches")
+            target = self.scene_norm.normalize(torch.as_tensor(batch["observation.environment_state"]).float())
+            image_tokens = len(c.cameras) * c.tokens_per_image
+            readout = self.model.scene_readout(prefix[:, :image_tokens].flatten(1))
+            scene_loss = F.mse_loss(readout, target.to(readout.device))
+            loss = loss + c.scene_aux_weight * scene_loss
+            logs["scene_loss"] = float(scene_loss.detach())
         aux, aux_logs = adamoe.moe_aux_loss(self, step)
         if aux is not None:
             loss = loss + aux
