@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo test bench collect lint clean
+.PHONY: setup demo test bench experiment collect lint clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,9 @@ test: setup
 
 bench: setup
 	$(PY) scripts/bench.py
+
+experiment: setup
+	$(PY) scripts/experiment.py
 
 collect: setup
 	$(PY) scripts/collect.py --suite tabletop --episodes-per-task 50 --noise 0.0 0.1 0.3

@@ -1,11 +1,24 @@
-"""The main job, on small built-in defaults (``make demo``).
+"""The main job (``make demo``): pretrain a dense VLA, upcycle copies of it into AdaMoE and a
+vanilla top-k MoE, fine-tune those and the dense policy itself for the same steps on the
+same data, evaluate all of them, and compare.
 
-At this stage: collect scripted-expert demonstrations for the whole tabletop suite into
-Minari datasets and report each expert's success rate. Outputs go to outputs/demo/:
-``results.md`` and ``results.json`` (the table), ``plots/expert_success.png``, and the
-datasets under ``datasets/`` (``MINARI_DATASETS_PATH=outputs/demo/datasets`` makes
-``minari.load_dataset`` see them). Datasets that already exist are reused, so a second
-run only re-reads them.
+    python scripts/demo.py                    # small preset, the whole tabletop suite (~25 min, 2 cores)
+    python scripts/demo.py --quick            # tiny preset, a few steps: the plumbing in < 2 min
+    python scripts/demo.py --init preserve    # upcycle so that step 0 computes the dense function
+
+Stages, in one output directory (default outputs/demo/); each is skipped when its output
+is complete, so an interrupted run picks up where it stopped (training resumes from its
+last checkpoint):
+
+    collect    datasets/                      scripted-expert demos at several noise levels
+    pretrain   checkpoints/dense_pretrained/  the dense VLA (runs/<name>/: metrics, loss.png)
+    finetune   checkpoints/<variant>/         dense, vanilla (top-k MoE), adamoe (runs/<variant>/)
+    evaluate   eval/<variant>/eval_info.json  training phrasings (+ heldout/eval_info.json)
+    report     results.md, results.json, plots/*.png
+
+The MoE variants follow AdaMoE's recipe: 4 routed experts, top-1, one shared expert,
+balance loss 0.01 then 0.005 after 500 steps, router and scale adapter at twice the base
+learning rate, every parameter trained.
 """
 
 from __future__ import annotations
@@ -14,105 +27,604 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
-from envs import TASK_LIST  # noqa: E402
+import adamoe  # noqa: E402
+import envs  # noqa: E402,F401  (GL backend first, registers the envs)
 from envs.collection import CollectionJob, dataset_id_for, run_collection  # noqa: E402
 from envs.datasets import dataset_path, episode_metadata, load_dataset  # noqa: E402
+from envs.registration import METAWORLD_PREFIX, TABLETOP_PREFIX, resolve_env_ids  # noqa: E402
+from policies import VLAPolicy, from_pretrained, vla_config  # noqa: E402
+from policies.data import ChunkDataset  # noqa: E402
+from policies.evaluation import EvalConfig, evaluate  # noqa: E402
+from policies.training import TrainConfig, train  # noqa: E402
+from policies.vla import parse_overrides  # noqa: E402
+
+KINDS = ("dense", "vanilla", "adamoe")
+ROUTER = {"vanilla": "topk", "adamoe": "adamoe"}
+SPLITS = ("train", "heldout")
+COLORS = {"pretrained": "#8c8c8c", "dense": "#4c72b0", "vanilla": "#dd8452", "adamoe": "#55a868"}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output-dir", default="outputs/demo")
-    p.add_argument("--episodes-per-task", type=int, default=50)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+@dataclass
+class PipelineConfig:
+    """Everything one run of the comparison depends on (stored in ``results.json``)."""
+
+    output_dir: str = "outputs/demo"
+    suite: list[str] = field(default_factory=lambda: ["tabletop"])
+    # Collection: episodes per task and noise level. Noisy demos show the experts
+    # recovering from perturbations, which closed-loop imitation needs.
+    episodes_per_task: int = 50
+    noise: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.3])
+    workers: int = 2
+    datasets_root: str | None = None  # reuse datasets from elsewhere (default: <output_dir>/datasets)
+    # Policy and training.
+    preset: str = "small"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    scene_aux: float = 1.0
+    batch_size: int = 64
+    pretrain_steps: int = 1200
+    pretrain_lr: float = 1e-3
+    pretrain_minutes: float | None = None
+    pretrained: str | None = None  # reuse a dense checkpoint instead of pretraining
+    finetune_steps: int = 300
+    finetune_lr: float = 3e-4
+    variants: list[str] = field(default_factory=lambda: list(KINDS))
+    init: str = "paper"
+    num_experts: int = 4
+    top_k: int = 1
+    # Evaluation.
+    eval_episodes: int = 10
+    eval_pretrained: bool = True
+    videos: int = 1
+    latency_calls: int = 30
+    seed: int = 0
+    progress: bool = True
+
+    @property
+    def root(self) -> Path:
+        return Path(self.datasets_root) if self.datasets_root else Path(self.output_dir) / "datasets"
+
+    def validate(self) -> None:
+        for name in self.variants:
+            parse_variant(name, self.init)
+        if self.init not in adamoe.config.INITS:
+            raise ValueError(f"init={self.init!r} is not one of {adamoe.config.INITS}")
+        for name in ("episodes_per_task", "batch_size", "pretrain_steps", "finetune_steps", "eval_episodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-def expert_table(root: Path) -> list[dict]:
-    rows = []
-    for task in TASK_LIST:
-        metas = episode_metadata(load_dataset(dataset_id_for(task.env_id), root=root))
-        clean = [m for m in metas if m["noise"] == 0.0]
-        rows.append(
-            {
-                "task": task.name,
-                "episodes": len(clean),
-                "success_rate": float(np.mean([m["success"] for m in clean])),
-                "mean_length": float(np.mean([m["length"] for m in clean])),
-                "max_steps": task.max_episode_steps,
-            }
+QUICK = {
+    "episodes_per_task": 2,
+    "noise": [0.0],
+    "preset": "tiny",
+    "scene_aux": 0.0,
+    "batch_size": 8,
+    "pretrain_steps": 30,
+    "finetune_steps": 10,
+    "eval_episodes": 1,
+    "eval_pretrained": False,
+    "videos": 0,
+    "latency_calls": 5,
+}
+
+
+def parse_variant(name: str, default_init: str) -> tuple[str, str | None]:
+    """``dense``, ``vanilla``, ``adamoe``, optionally with the upcycling init (``adamoe-preserve``)."""
+    kind, _, init = name.partition("-")
+    if kind not in KINDS:
+        raise ValueError(f"variant {name!r}: the kind must be one of {KINDS} (optionally -paper/-preserve)")
+    if kind == "dense":
+        if init:
+            raise ValueError(f"variant {name!r}: the dense policy has no upcycling init")
+        return kind, None
+    init = init or default_init
+    if init not in adamoe.config.INITS:
+        raise ValueError(f"variant {name!r}: init {init!r} is not one of {adamoe.config.INITS}")
+    return kind, init
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+# -- stages ---------------------------------------------------------------------------
+
+
+def collect(cfg: PipelineConfig, env_ids: list[str]) -> None:
+    missing = [e for e in env_ids if not dataset_path(dataset_id_for(e), cfg.root).exists()]
+    for env_id in sorted(set(env_ids) - set(missing)):
+        levels = sorted({m["noise"] for m in episode_metadata(load_dataset(dataset_id_for(env_id), root=cfg.root))})
+        if levels != sorted(cfg.noise):
+            raise SystemExit(
+                f"{dataset_path(dataset_id_for(env_id), cfg.root)} holds noise levels {levels}, this run asks for "
+                f"{sorted(cfg.noise)}: choose another --output-dir, or delete that dataset to re-collect it"
+            )
+    if not missing:
+        log(f"collect: datasets complete under {cfg.root}, reusing them")
+        return
+    log(f"collect: {cfg.episodes_per_task} episodes x noise {cfg.noise} for {len(missing)} tasks -> {cfg.root}")
+    job = CollectionJob(
+        env_ids=missing,
+        episodes_per_task=cfg.episodes_per_task,
+        noise_levels=tuple(cfg.noise),
+        root=str(cfg.root),
+        seed=cfg.seed,
+        workers=cfg.workers,
+    )
+    run_collection(job, progress=cfg.progress)
+
+
+def expert_success(cfg: PipelineConfig, env_ids: list[str]) -> dict[str, float]:
+    """The scripted expert's success per task, from the noise-free demonstrations."""
+    out = {}
+    for env_id in env_ids:
+        metas = episode_metadata(load_dataset(dataset_id_for(env_id), root=cfg.root))
+        clean = [m["success"] for m in metas if m["noise"] == 0.0] or [m["success"] for m in metas]
+        out[task_name(env_id)] = float(np.mean(clean))
+    return out
+
+
+def task_name(env_id: str) -> str:
+    if env_id.startswith(TABLETOP_PREFIX):
+        return env_id.removeprefix(TABLETOP_PREFIX).removesuffix("-v0")
+    return env_id.removeprefix(METAWORLD_PREFIX)
+
+
+def policy_config(cfg: PipelineConfig, env_ids: list[str], scene_dim: int | None = None):
+    """The dense policy's config; ``scene_dim``: the datasets' environment_state size, if any."""
+    overrides = dict(cfg.overrides)
+    if all(e.startswith(METAWORLD_PREFIX) for e in env_ids):
+        overrides.setdefault("cameras", ("corner2",))  # Meta-World envs' default camera
+    config = vla_config(cfg.preset, **overrides)
+    if cfg.scene_aux > 0 and scene_dim:
+        config.scene_aux_dim, config.scene_aux_weight = scene_dim, cfg.scene_aux
+    return config
+
+
+def train_stage(
+    cfg: PipelineConfig, name: str, policy: VLAPolicy, data: ChunkDataset, train_config: TrainConfig
+) -> dict[str, Any]:
+    """Train (resuming from runs/<name>/ when interrupted) and save checkpoints/<name>/."""
+    out = Path(cfg.output_dir)
+    summary = train(policy, data, train_config, out / "runs" / name, resume=True)
+    policy.save_pretrained(out / "checkpoints" / name)
+    write_json(out / "runs" / name / "summary.json", summary)
+    return summary
+
+
+def pretrain(cfg: PipelineConfig, data: ChunkDataset, env_ids: list[str]) -> Path:
+    out = Path(cfg.output_dir) / "checkpoints" / "dense_pretrained"
+    if cfg.pretrained:
+        log(f"pretrain: using {cfg.pretrained}")
+        return Path(cfg.pretrained)
+    if (out / "config.json").is_file():
+        log(f"pretrain: {out} exists, reusing it")
+        return out
+    torch.manual_seed(cfg.seed)
+    scene_dim = data.environment_state.shape[1] if data.environment_state is not None else None
+    policy = VLAPolicy(policy_config(cfg, env_ids, scene_dim))
+    policy.set_normalization(data.stats())
+    log(
+        f"pretrain: dense {cfg.preset!r} VLA, {policy.parameter_counts()['total']:,} parameters, "
+        f"{cfg.pretrain_steps} steps x {cfg.batch_size}"
+    )
+    train_config = TrainConfig(
+        steps=cfg.pretrain_steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.pretrain_lr,
+        seed=cfg.seed,
+        max_minutes=cfg.pretrain_minutes,
+        progress=cfg.progress,
+    )
+    summary = train_stage(cfg, "dense_pretrained", policy, data, train_config)
+    minutes, loss = summary["wall_s"] / 60, summary["final_loss"]
+    log(f"pretrain: {summary['steps']} steps in {minutes:.1f} min, final loss {loss:.4f}")
+    return out
+
+
+def upcycled(cfg: PipelineConfig, pretrained: Path, variant: str) -> VLAPolicy:
+    """A fresh copy of the pretrained policy, upcycled as ``variant`` asks."""
+    kind, init = parse_variant(variant, cfg.init)
+    policy = from_pretrained(pretrained)
+    if kind != "dense":
+        moe = adamoe.MoEConfig(num_experts=cfg.num_experts, top_k=cfg.top_k, router=ROUTER[kind])
+        generator = torch.Generator().manual_seed(cfg.seed)
+        policy.upcycle(moe, init=init, generator=generator)
+    return policy
+
+
+def finetune(cfg: PipelineConfig, data: ChunkDataset, pretrained: Path) -> None:
+    for variant in cfg.variants:
+        out = Path(cfg.output_dir) / "checkpoints" / variant
+        if (out / "config.json").is_file():
+            log(f"finetune {variant}: {out} exists, reusing it")
+            continue
+        policy = upcycled(cfg, pretrained, variant)
+        counts = policy.parameter_counts()
+        log(
+            f"finetune {variant}: {counts['total']:,} parameters ({counts['active']:,} active), "
+            f"{cfg.finetune_steps} steps x {cfg.batch_size}"
         )
-    return rows
+        train_config = TrainConfig(
+            steps=cfg.finetune_steps,
+            batch_size=cfg.batch_size,
+            lr=cfg.finetune_lr,
+            warmup_steps=min(50, cfg.finetune_steps // 10),
+            seed=cfg.seed + 1,  # the same batches and noise for every variant
+            progress=cfg.progress,
+        )
+        summary = train_stage(cfg, variant, policy, data, train_config)
+        log(f"finetune {variant}: {summary['wall_s'] / 60:.1f} min, final loss {summary['final_loss']:.4f}")
 
 
-def to_markdown(rows: list[dict]) -> str:
-    lines = [
-        "| task | episodes | expert success | mean length | step limit |",
-        "|---|---:|---:|---:|---:|",
-    ]
+def evaluated(cfg: PipelineConfig) -> list[tuple[str, Path]]:
+    out = Path(cfg.output_dir) / "checkpoints"
+    pretrained = Path(cfg.pretrained) if cfg.pretrained else out / "dense_pretrained"
+    first = [("pretrained", pretrained)] if cfg.eval_pretrained else []
+    return first + [(v, out / v) for v in cfg.variants]
+
+
+def eval_path(cfg: PipelineConfig, name: str, split: str) -> Path:
+    base = Path(cfg.output_dir) / "eval" / name
+    return base if split == "train" else base / split
+
+
+def evaluate_all(cfg: PipelineConfig, env_ids: list[str]) -> None:
+    splits = SPLITS if all(e.startswith(TABLETOP_PREFIX) for e in env_ids) else ("train",)
+    for name, checkpoint in evaluated(cfg):
+        policy = None
+        for split in splits:
+            out = eval_path(cfg, name, split)
+            if (out / "eval_info.json").is_file():
+                log(f"evaluate {name} ({split} phrasings): {out / 'eval_info.json'} exists")
+                continue
+            policy = policy or from_pretrained(checkpoint)
+            torch.manual_seed(cfg.seed)
+            config = EvalConfig(
+                episodes_per_task=cfg.eval_episodes,
+                instruction_split=split,
+                videos_per_task=cfg.videos if split == "train" else 0,
+            )
+            result = evaluate(policy, env_ids, config, out, progress=cfg.progress)
+            rate = 100 * result["aggregated"]["success_rate"]
+            log(f"evaluate {name} ({split} phrasings): {rate:.1f}% in {result['wall_s']:.0f} s")
+
+
+# -- measurements for the report ----------------------------------------------------------
+
+
+def task_frames(data: ChunkDataset, env_ids: list[str], per_task: int, seed: int) -> dict[str, np.ndarray]:
+    """Up to ``per_task`` random frame indices of each task's demonstrations."""
+    rng = np.random.default_rng(seed)
+    frame_task = np.asarray(data.episode_task)[data.frame_episode]
+    out = {}
+    for env_id in env_ids:
+        idx = np.flatnonzero(frame_task == task_name(env_id))
+        if len(idx) == 0:  # datasets whose metadata names tasks differently
+            continue
+        out[task_name(env_id)] = rng.choice(idx, size=min(per_task, len(idx)), replace=False)
+    return out
+
+
+def expert_use(policy: VLAPolicy, data: ChunkDataset, frames: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Share of each expert's routings per task and MoE layer, over whole sampled chunks."""
+    per_task: dict[str, dict[str, list[float]]] = {}
+    with torch.inference_mode():
+        for task, idx in frames.items():
+            batch = data.get(idx)
+            with adamoe.record_routing(policy):
+                torch.manual_seed(0)
+                policy.predict_action_chunk(batch)
+            stats = adamoe.routing_stats(policy)
+            per_task[task] = {name: s["share"].tolist() for name, s in stats.items()}
+    layers = sorted({name for shares in per_task.values() for name in shares}, key=_layer_index)
+    return {"layers": layers, "tasks": list(per_task), "share": per_task}
+
+
+def _layer_index(name: str) -> int:
+    digits = [int(part) for part in name.split(".") if part.isdigit()]
+    return digits[0] if digits else 0
+
+
+def latency(policies: dict[str, VLAPolicy], batch: dict[str, Any], calls: int) -> dict[str, float]:
+    """Median ``predict_action_chunk`` time (batch 1) per policy, interleaved round by round."""
+    samples: dict[str, list[float]] = {name: [] for name in policies}
+    with torch.inference_mode():
+        for policy in policies.values():
+            policy.predict_action_chunk(batch)
+        for _ in range(calls):
+            for name, policy in policies.items():
+                start = time.perf_counter()
+                policy.predict_action_chunk(batch)
+                samples[name].append(time.perf_counter() - start)
+    return {name: float(1e3 * np.median(v)) for name, v in samples.items()}
+
+
+# -- report ---------------------------------------------------------------------------
+
+
+def load_eval(cfg: PipelineConfig, name: str, split: str) -> dict[str, Any] | None:
+    path = eval_path(cfg, name, split) / "eval_info.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def report(cfg: PipelineConfig, data: ChunkDataset, env_ids: list[str], began: float) -> dict[str, Any]:
+    out = Path(cfg.output_dir)
+    experts = expert_success(cfg, env_ids)
+    names = [name for name, _ in evaluated(cfg)]
+    policies = {name: from_pretrained(path) for name, path in evaluated(cfg)}
+    frames = task_frames(data, env_ids, per_task=64, seed=cfg.seed)
+    one = data.get(next(iter(frames.values()))[:1]) if frames else data.get(np.array([0]))
+    times = latency(policies, one, cfg.latency_calls)
+    rows = []
+    for name in names:
+        policy = policies[name]
+        counts = policy.parameter_counts()
+        row = {
+            "variant": name,
+            "init": policy.config.moe["init"] if policy.config.moe else None,
+            "params_total": counts["total"],
+            "params_active": counts["active"],
+            "latency_ms": times[name],
+        }
+        for split in SPLITS:
+            result = load_eval(cfg, name, split)
+            if result is not None:
+                row[f"success_{split}"] = result["aggregated"]["success_rate"]
+                row[f"per_task_{split}"] = {t: r["success_rate"] for t, r in result["per_task"].items()}
+        summary = out / "runs" / ("dense_pretrained" if name == "pretrained" else name) / "summary.json"
+        if summary.is_file():
+            row["train_wall_s"] = json.loads(summary.read_text())["wall_s"]
+        rows.append(row)
+    routing = {
+        name: expert_use(policies[name], data, frames) for name in names if policies[name].config.moe is not None
+    }
+    results = {
+        "config": asdict(cfg),
+        "variants": rows,
+        "expert_success": experts,
+        "expert_use": routing,
+        "machine": machine(),
+        "wall_s": time.perf_counter() - began,
+    }
+    write_json(out / "results.json", results)
+    (out / "results.md").write_text(to_markdown(results) + "\n")
+    plot_success(results, out / "plots" / "success_per_task.png")
+    plot_training(cfg, out / "plots" / "training_curves.png")
+    for name, use in routing.items():
+        plot_expert_use(name, use, out / "plots" / f"expert_use_{name}.png")
+    return results
+
+
+def machine() -> dict[str, Any]:
+    import os
+    import platform
+
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def to_markdown(results: dict[str, Any]) -> str:
+    rows = results["variants"]
+    has_heldout = any("success_heldout" in r for r in rows)
+    pct = lambda v: f"{100 * v:.1f}%" if v is not None else "-"
+    head = "| variant | init | params (total / active) | success, train phrasing |"
+    head += " success, held-out phrasing |" if has_heldout else ""
+    head += " chunk latency (batch 1) |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        success, length = 100 * r["success_rate"], r["mean_length"]
-        lines.append(f"| {r['task']} | {r['episodes']} | {success:.0f}% | {length:.0f} | {r['max_steps']} |")
-    mean = float(np.mean([r["success_rate"] for r in rows]))
-    lines.append(f"| **mean** | {sum(r['episodes'] for r in rows)} | **{100 * mean:.1f}%** | | |")
-    return "\n".join(lines)
+        params = f"{r['params_total'] / 1e6:.2f} M / {r['params_active'] / 1e6:.2f} M"
+        line = f"| {r['variant']} | {r['init'] or '-'} | {params} "
+        line += f"| {pct(r.get('success_train'))} |"
+        line += f" {pct(r.get('success_heldout'))} |" if has_heldout else ""
+        line += f" {r['latency_ms']:.1f} ms |"
+        lines.append(line)
+    expert = float(np.mean(list(results["expert_success"].values())))
+    lines.append(f"| scripted expert | - | - | {pct(expert)} |" + (" - |" if has_heldout else "") + " - |")
+    tasks = list(results["expert_success"])
+    per_task = ["", "Success per task (training phrasings):", ""]
+    per_task.append("| task | " + " | ".join(r["variant"] for r in rows) + " | expert |")
+    per_task.append("|---|" + "---:|" * (len(rows) + 1))
+    for t in tasks:
+        cells = [pct(r.get("per_task_train", {}).get(t)) for r in rows]
+        per_task.append(f"| {t} | " + " | ".join(cells) + f" | {pct(results['expert_success'][t])} |")
+    return "\n".join(lines + per_task)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 3.6))
-    ax.bar([r["task"] for r in rows], [100 * r["success_rate"] for r in rows], color="#4c72b0")
-    ax.axhline(95, color="#c44e52", linestyle="--", linewidth=1, label="95% target")
+    return plt
+
+
+def plot_success(results: dict[str, Any], path: Path) -> None:
+    plt = _plt()
+    rows = [r for r in results["variants"] if "per_task_train" in r]
+    tasks = list(results["expert_success"])
+    fig, ax = plt.subplots(figsize=(max(8, 0.8 * len(tasks)), 3.8))
+    width = 0.8 / (len(rows) + 1)
+    x = np.arange(len(tasks))
+    for i, r in enumerate(rows):
+        values = [100 * r["per_task_train"].get(t, np.nan) for t in tasks]
+        label = f"{r['variant']} ({100 * r['success_train']:.0f}%)"
+        ax.bar(x + i * width, values, width, label=label, color=COLORS.get(r["variant"].split("-")[0]))
+    expert = [100 * results["expert_success"][t] for t in tasks]
+    ax.bar(x + len(rows) * width, expert, width, label="scripted expert", color="#dddddd", edgecolor="#999999")
+    ax.set_xticks(x + 0.4 - width / 2, tasks, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("success (%)")
     ax.set_ylim(0, 105)
-    ax.set_title("Scripted expert success per tabletop task (zero noise)")
-    ax.tick_params(axis="x", rotation=60, labelsize=8)
-    ax.legend(loc="lower right")
+    ax.set_title("Success per task, training phrasings", pad=24)
+    ax.legend(fontsize=7, ncol=len(rows) + 1, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    out = Path(args.output_dir)
-    root = out / "datasets"
-    start = time.perf_counter()
-    missing = [t.env_id for t in TASK_LIST if not dataset_path(dataset_id_for(t.env_id), root).exists()]
-    if missing:
-        print(f"collecting {args.episodes_per_task} expert episodes for {len(missing)} tabletop tasks -> {root}")
-        job = CollectionJob(
-            env_ids=missing,
-            episodes_per_task=args.episodes_per_task,
-            root=str(root),
-            seed=args.seed,
-            workers=args.workers,
-        )
-        run_collection(job)
-    else:
-        print(f"datasets already complete under {root}; reusing them")
-    rows = expert_table(root)
-    table = to_markdown(rows)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text("## Scripted experts on the tabletop suite\n\n" + table + "\n")
-    (out / "results.json").write_text(json.dumps({"expert_success": rows}, indent=2) + "\n")
-    plot(rows, out / "plots" / "expert_success.png")
+def _records(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_training(cfg: PipelineConfig, path: Path) -> None:
+    """Flow-matching loss against step: pretraining, then each variant's fine-tuning."""
+    plt = _plt()
+    runs = Path(cfg.output_dir) / "runs"
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    for ax, names, title in (
+        (axes[0], ["dense_pretrained"], "pretraining (dense)"),
+        (axes[1], cfg.variants, "fine-tuning, same batches"),
+    ):
+        for name in names:
+            records = _records(runs / name / "metrics.jsonl")
+            if not records:
+                continue
+            steps = np.array([r["step"] for r in records])
+            loss = np.array([r.get("flow_loss", r["loss"]) for r in records])
+            k = max(1, len(loss) // 20)
+            smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+            ax.plot(steps[k - 1 :], smooth, label=name, color=COLORS.get(name.split("-")[0], "#8c8c8c"))
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("flow-matching loss (smoothed)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_expert_use(name: str, use: dict[str, Any], path: Path) -> None:
+    """One heatmap per MoE layer: tasks x experts, the share of routings each expert got."""
+    plt = _plt()
+    layers, tasks = use["layers"], use["tasks"]
+    if not layers or not tasks:
+        return
+    fig, axes = plt.subplots(1, len(layers), figsize=(1.2 + 2.0 * len(layers), 0.9 + 0.28 * len(tasks)), squeeze=False)
+    for ax, layer in zip(axes[0], layers, strict=True):
+        grid = np.array([use["share"][t][layer] for t in tasks])
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_title(f"layer {_layer_index(layer)}", fontsize=9)
+        ax.set_xticks(range(grid.shape[1]), [str(i) for i in range(grid.shape[1])], fontsize=8)
+        ax.set_xlabel("expert", fontsize=8)
+        ax.set_yticks(range(len(tasks)), tasks if ax is axes[0][0] else [""] * len(tasks), fontsize=7)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="share of tokens")
+    fig.suptitle(f"Expert use per task and layer: {name}", fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+# -- command line -----------------------------------------------------------------------
+
+
+def run(cfg: PipelineConfig) -> dict[str, Any]:
+    cfg.validate()
+    began = time.perf_counter()
+    env_ids = list(resolve_env_ids(cfg.suite))
+    collect(cfg, env_ids)
+    # Frames as the policy sees them: its cameras (Meta-World: the corner one), its chunk size.
+    config = from_pretrained(cfg.pretrained).config if cfg.pretrained else policy_config(cfg, env_ids)
+    log(f"load: {len(env_ids)} datasets")
+    ids = [dataset_id_for(e) for e in env_ids]
+    data = ChunkDataset(ids, config.chunk_size, config.cameras, root=cfg.root, progress=cfg.progress)
+    log(f"load: {len(data):,} frames from {data.num_episodes} episodes")
+    pretrained = pretrain(cfg, data, env_ids)
+    finetune(cfg, data, pretrained)
+    evaluate_all(cfg, env_ids)
+    results = report(cfg, data, env_ids, began)
     print()
-    print(table)
-    print(f"\nwrote {out / 'results.md'}, {out / 'results.json'}, {out / 'plots' / 'expert_success.png'}")
-    print(f"datasets: {root}  (MINARI_DATASETS_PATH={root} lets minari.load_dataset read them)")
-    print(f"took {time.perf_counter() - start:.0f} s")
+    print(to_markdown(results))
+    out = Path(cfg.output_dir)
+    print(f"\nwrote {out / 'results.md'}, {out / 'results.json'} and {out / 'plots'}/*.png")
+    print(f"took {results['wall_s'] / 60:.1f} min")
+    return results
+
+
+def parse_args(argv: list[str] | None = None) -> PipelineConfig:
+    d = PipelineConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output-dir", default=d.output_dir)
+    p.add_argument("--quick", action="store_true", help="tiny preset, a few steps and episodes (< 2 min)")
+    p.add_argument("--suite", nargs="+", default=None, help="suite names or env ids (tabletop, mt10, ...)")
+    p.add_argument("--episodes-per-task", type=int, default=None, help="demos per task and noise level")
+    p.add_argument("--noise", type=float, nargs="+", default=None, help="expert action-noise levels")
+    p.add_argument("--datasets-root", default=None, help="reuse datasets under this root")
+    p.add_argument("--preset", default=None, help="VLA preset: tiny, small, base")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="VLAConfig overrides")
+    p.add_argument("--scene-aux", type=float, default=None, help="weight of the training-only scene readout")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--pretrain-steps", type=int, default=None)
+    p.add_argument("--pretrain-minutes", type=float, default=None, help="stop pretraining after this long")
+    p.add_argument("--pretrained", default=None, help="a dense checkpoint to fine-tune instead of pretraining")
+    p.add_argument("--finetune-steps", type=int, default=None)
+    p.add_argument("--finetune-lr", type=float, default=None)
+    p.add_argument("--variants", nargs="+", default=None, help="dense, vanilla, adamoe (+ -paper / -preserve)")
+    p.add_argument("--init", default=d.init, choices=adamoe.config.INITS, help="upcycling initialisation")
+    p.add_argument("--eval-episodes", type=int, default=None, help="episodes per task and phrasing split")
+    p.add_argument("--no-eval-pretrained", action="store_true", help="skip evaluating the pretrained policy")
+    p.add_argument("--seed", type=int, default=d.seed)
+    args = p.parse_args(argv)
+    cfg = replace(d, **QUICK) if args.quick else d
+    if args.quick:
+        cfg.output_dir = "outputs/demo_quick"
+    given = {
+        "output_dir": args.output_dir if args.output_dir != d.output_dir else None,
+        "suite": args.suite,
+        "episodes_per_task": args.episodes_per_task,
+        "noise": args.noise,
+        "datasets_root": args.datasets_root,
+        "preset": args.preset,
+        "scene_aux": args.scene_aux,
+        "batch_size": args.batch_size,
+        "pretrain_steps": args.pretrain_steps,
+        "pretrain_minutes": args.pretrain_minutes,
+        "pretrained": args.pretrained,
+        "finetune_steps": args.finetune_steps,
+        "finetune_lr": args.finetune_lr,
+        "variants": args.variants,
+        "eval_episodes": args.eval_episodes,
+    }
+    cfg = replace(cfg, **{k: v for k, v in given.items() if v is not None})
+    cfg.overrides = parse_overrides(args.set)
+    cfg.init, cfg.seed = args.init, args.seed
+    if args.no_eval_pretrained:
+        cfg.eval_pretrained = False
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(parse_args(argv))
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from err
     return 0
 
 

@@ -12,7 +12,6 @@ with the same output directory resumes from the last checkpoint.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import sys
 from pathlib import Path
@@ -26,19 +25,7 @@ from policies import VLAPolicy, vla_config  # noqa: E402
 from policies.data import ChunkDataset  # noqa: E402
 from policies.evaluation import EvalConfig, evaluate  # noqa: E402
 from policies.training import TrainConfig, train  # noqa: E402
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise SystemExit(f"--set expects key=value, got {pair!r}")
-        key, value = pair.split("=", 1)
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
+from policies.vla import parse_overrides  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

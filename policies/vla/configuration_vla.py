@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -181,3 +182,18 @@ def vla_config(preset: str = "small", **overrides: Any) -> VLAConfig:
     if preset not in PRESETS:
         raise ValueError(f"unknown VLA preset {preset!r}; valid presets are {sorted(PRESETS)}")
     return VLAConfig(**{**PRESETS[preset], **overrides, "preset": preset})
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["depth=2", "cameras=('front',)"]`` -> config overrides (values as Python literals,
+    anything else as a string), for command lines that take ``--set KEY=VALUE``."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out

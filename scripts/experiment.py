@@ -1,0 +1,179 @@
+"""The demo's comparison over several seeds, with both upcycling initialisations.
+
+    python scripts/experiment.py                       # seeds 0 1 2 (make experiment)
+    python scripts/experiment.py --pretrain-per-seed   # also re-pretrain the dense policy per seed
+    python scripts/experiment.py --quick               # the plumbing, tiny preset
+
+Each seed is one run of ``scripts/demo.py``'s pipeline under ``<output-dir>/seed<s>/``
+with the variants dense, vanilla (top-k MoE, paper init), adamoe (paper init) and
+adamoe-preserve, fine-tuned for the same steps on the same demonstrations (collected once,
+under ``<output-dir>/datasets/``). By default the seeds share one pretrained dense policy
+(seed 0's), so the spread measures fine-tuning and evaluation noise around one starting
+point; ``--pretrain-per-seed`` pretrains once per seed and the spread includes
+pretraining. Writes ``results.md`` and ``results.json`` (mean and standard deviation over
+seeds of every variant's success, per split) and ``plots/success_over_seeds.png``.
+
+The Meta-World MT10 version (longer: Meta-World renders ~20x slower than the tabletop):
+
+    python scripts/experiment.py --suite mt10 --output-dir outputs/experiment_mt10
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+def _pipeline():
+    spec = importlib.util.spec_from_file_location("adamoe_demo_pipeline", HERE / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+pipeline = _pipeline()
+VARIANTS = ["dense", "vanilla", "adamoe", "adamoe-preserve"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output-dir", default=None, help="default outputs/experiment (outputs/experiment_quick)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--variants", nargs="+", default=VARIANTS)
+    p.add_argument("--quick", action="store_true", help="tiny preset, a few steps and episodes")
+    p.add_argument("--pretrain-per-seed", action="store_true", help="pretrain the dense policy once per seed")
+    p.add_argument("--suite", nargs="+", default=None, help="suite names or env ids (tabletop, mt10, ...)")
+    p.add_argument("--eval-episodes", type=int, default=None, help="episodes per task and phrasing split")
+    p.add_argument("--finetune-steps", type=int, default=None)
+    p.add_argument("--pretrain-steps", type=int, default=None)
+    return p.parse_args(argv)
+
+
+def seed_config(base: Any, out: Path, seed: int, first: int, shared: bool) -> Any:
+    cfg = replace(base, output_dir=str(out / f"seed{seed}"), seed=seed, datasets_root=str(out / "datasets"))
+    if shared and seed != first:
+        cfg.pretrained = str(out / f"seed{first}" / "checkpoints" / "dense_pretrained")
+        cfg.eval_pretrained = False  # the same policy as seed <first>'s
+    return cfg
+
+
+def aggregate(runs: dict[int, dict[str, Any]], variants: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for name in ["pretrained", *variants]:
+        per_seed = {s: next((r for r in res["variants"] if r["variant"] == name), None) for s, res in runs.items()}
+        per_seed = {s: r for s, r in per_seed.items() if r is not None}
+        if not per_seed:
+            continue
+        row: dict[str, Any] = {"variant": name, "seeds": sorted(per_seed)}
+        for split in pipeline.SPLITS:
+            values = [r[f"success_{split}"] for r in per_seed.values() if f"success_{split}" in r]
+            if values:
+                row[f"success_{split}"] = {
+                    "mean": float(np.mean(values)),
+                    "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                    "values": values,
+                }
+        any_row = next(iter(per_seed.values()))
+        row["params_total"], row["params_active"] = any_row["params_total"], any_row["params_active"]
+        row["latency_ms"] = float(np.median([r["latency_ms"] for r in per_seed.values()]))
+        rows.append(row)
+    return rows
+
+
+def to_markdown(rows: list[dict[str, Any]], seeds: list[int]) -> str:
+    def cell(row: dict[str, Any], split: str) -> str:
+        s = row.get(f"success_{split}")
+        if s is None:
+            return "-"
+        if len(s["values"]) == 1:
+            return f"{100 * s['mean']:.1f}% (1 seed)"
+        return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}%"
+
+    lines = [
+        f"Success: mean ± sd over seeds {', '.join(map(str, seeds))}.",
+        "",
+        "| variant | params (total / active) | success, train phrasing | success, held-out phrasing | chunk latency |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        params = f"{r['params_total'] / 1e6:.2f} M / {r['params_active'] / 1e6:.2f} M"
+        lines.append(
+            f"| {r['variant']} | {params} | {cell(r, 'train')} | {cell(r, 'heldout')} | {r['latency_ms']:.1f} ms |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    plt = pipeline._plt()
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    x = np.arange(len(rows))
+    for offset, split, hatch in ((-0.18, "train", None), (0.18, "heldout", "//")):
+        means = [100 * r.get(f"success_{split}", {}).get("mean", np.nan) for r in rows]
+        stds = [100 * r.get(f"success_{split}", {}).get("std", 0.0) for r in rows]
+        colors = [pipeline.COLORS.get(r["variant"].split("-")[0], "#8c8c8c") for r in rows]
+        ax.bar(x + offset, means, 0.36, yerr=stds, capsize=3, color=colors, hatch=hatch, label=f"{split} phrasing")
+        for i, r in enumerate(rows):
+            values = r.get(f"success_{split}", {}).get("values", [])
+            ax.scatter([x[i] + offset] * len(values), [100 * v for v in values], color="black", s=8, zorder=3)
+    ax.set_xticks(x, [r["variant"] for r in rows])
+    ax.set_ylabel("mean success (%)")
+    ax.set_title("Success over seeds (bars: mean, whiskers: sd, dots: seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    base = replace(pipeline.PipelineConfig(), **pipeline.QUICK) if args.quick else pipeline.PipelineConfig()
+    out = Path(args.output_dir or ("outputs/experiment_quick" if args.quick else "outputs/experiment"))
+    given = {
+        "suite": args.suite,
+        "eval_episodes": args.eval_episodes,
+        "finetune_steps": args.finetune_steps,
+        "pretrain_steps": args.pretrain_steps,
+    }
+    base = replace(base, variants=list(args.variants), **{k: v for k, v in given.items() if v is not None})
+    began = time.perf_counter()
+    runs = {}
+    try:
+        for seed in args.seeds:
+            cfg = seed_config(base, out, seed, args.seeds[0], shared=not args.pretrain_per_seed)
+            pipeline.log(f"experiment: seed {seed} -> {cfg.output_dir}")
+            runs[seed] = pipeline.run(cfg)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from err
+    rows = aggregate(runs, base.variants)
+    results = {
+        "seeds": args.seeds,
+        "shared_pretraining": not args.pretrain_per_seed,
+        "config": asdict(base),
+        "variants": rows,
+        "machine": pipeline.machine(),
+        "wall_s": time.perf_counter() - began,
+    }
+    pipeline.write_json(out / "results.json", results)
+    table = to_markdown(rows, args.seeds)
+    (out / "results.md").write_text(table + "\n")
+    plot(rows, out / "plots" / "success_over_seeds.png")
+    print()
+    print(table)
+    print(f"\nwrote {out / 'results.md'}, {out / 'results.json'}, {out / 'plots' / 'success_over_seeds.png'}")
+    print(f"took {results['wall_s'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,107 @@
+"""The main job (scripts/demo.py): pretrain, upcycle, fine-tune, evaluate, report, in --quick mode."""
+
+import importlib.util
+import json
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT
+
+VARIANTS = ("vanilla", "adamoe")
+TASKS = ["adamoe/Tabletop-ReachRed-v0", "adamoe/Tabletop-PickBlue-v0"]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_script("demo")
+
+
+@pytest.fixture(scope="module")
+def quick_run(demo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo_quick")
+    argv = ["--quick", "--output-dir", str(out), "--suite", *TASKS]
+    start = time.perf_counter()
+    assert demo.main(argv) == 0
+    return out, argv, time.perf_counter() - start
+
+
+def test_quick_run_writes_the_three_way_table_and_every_plot(quick_run):
+    out, _, _ = quick_run
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["variant"]: r for r in results["variants"]}
+    assert list(rows) == ["dense", "vanilla", "adamoe"]  # --quick skips evaluating the pretrained policy
+    for row in rows.values():
+        for split in ("train", "heldout"):
+            assert 0.0 <= row[f"success_{split}"] <= 1.0
+            assert set(row[f"per_task_{split}"]) == {"ReachRed", "PickBlue"}
+        assert row["latency_ms"] > 0
+    # Four routed copies of each FFN, one of them active per token; the dense rows are smaller.
+    for moe in ("vanilla", "adamoe"):
+        assert rows[moe]["params_total"] > rows[moe]["params_active"] > rows["dense"]["params_total"]
+        assert rows[moe]["init"] == "paper"
+    table = (out / "results.md").read_text()
+    for name in rows:
+        assert f"| {name} |" in table
+    for plot in ("success_per_task", "training_curves", "expert_use_vanilla", "expert_use_adamoe"):
+        assert (out / "plots" / f"{plot}.png").stat().st_size > 1000
+    for name in ("dense", "vanilla", "adamoe"):
+        assert (out / "eval" / name / "eval_info.json").is_file()
+        assert (out / "eval" / name / "heldout" / "eval_info.json").is_file()
+
+
+def test_expert_use_is_a_distribution_over_experts_per_task_and_layer(quick_run):
+    out, _, _ = quick_run
+    use = json.loads((out / "results.json").read_text())["expert_use"]
+    assert set(use) == {"vanilla", "adamoe"}
+    for variant in use.values():
+        assert variant["tasks"] == ["ReachRed", "PickBlue"]
+        assert len(variant["layers"]) == 2  # the tiny preset's action expert has two FFNs
+        for task in variant["tasks"]:
+            for layer in variant["layers"]:
+                share = np.array(variant["share"][task][layer])
+                assert share.shape == (4,) and share.min() >= 0 and share.sum() == pytest.approx(1.0)
+
+
+def test_checkpoints_reload_as_the_variant_they_are(quick_run):
+    from policies import from_pretrained
+
+    out, _, _ = quick_run
+    assert from_pretrained(out / "checkpoints" / "dense").config.moe is None
+    routers = {v: from_pretrained(out / "checkpoints" / v).config.moe["config"]["router"] for v in VARIANTS}
+    assert routers == {"vanilla": "topk", "adamoe": "adamoe"}
+
+
+def test_a_second_run_reuses_every_finished_stage(demo, quick_run):
+    out, argv, first = quick_run
+    finished = [
+        *(out / "checkpoints").glob("*/model.safetensors"),
+        *(out / "eval").rglob("eval_info.json"),
+    ]
+    before = {p: p.stat().st_mtime_ns for p in finished}
+    start = time.perf_counter()
+    assert demo.main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in finished} == before  # nothing trained or evaluated again
+    assert time.perf_counter() - start < first
+
+
+def test_variant_names_are_checked_against_the_known_kinds(demo):
+    assert demo.parse_variant("adamoe", "paper") == ("adamoe", "paper")
+    assert demo.parse_variant("vanilla-preserve", "paper") == ("vanilla", "preserve")
+    assert demo.parse_variant("dense", "preserve") == ("dense", None)
+    with pytest.raises(ValueError, match=r"variant 'moe': the kind must be one of \('dense', 'vanilla', 'adamoe'\)"):
+        demo.parse_variant("moe", "paper")
+    with pytest.raises(ValueError, match="init 'warm' is not one of"):
+        demo.parse_variant("adamoe-warm", "paper")
+    with pytest.raises(SystemExit, match="variant 'dense-paper'"):
+        demo.main(["--quick", "--variants", "dense-paper"])
