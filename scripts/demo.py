@@ -70,11 +70,11 @@ class PipelineConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     scene_aux: float = 1.0
     batch_size: int = 64
-    pretrain_steps: int = 1200
+    pretrain_steps: int = 1000
     pretrain_lr: float = 1e-3
     pretrain_minutes: float | None = None
     pretrained: str | None = None  # reuse a dense checkpoint instead of pretraining
-    finetune_steps: int = 300
+    finetune_steps: int = 200
     finetune_lr: float = 3e-4
     variants: list[str] = field(default_factory=lambda: list(KINDS))
     init: str = "paper"
@@ -82,7 +82,7 @@ class PipelineConfig:
     top_k: int = 1
     # Evaluation.
     eval_episodes: int = 10
-    eval_pretrained: bool = True
+    eval_pretrained: bool = True  # the starting point, on the training phrasings
     videos: int = 1
     latency_calls: int = 30
     seed: int = 0
@@ -289,7 +289,8 @@ def evaluate_all(cfg: PipelineConfig, env_ids: list[str]) -> None:
     splits = SPLITS if all(e.startswith(TABLETOP_PREFIX) for e in env_ids) else ("train",)
     for name, checkpoint in evaluated(cfg):
         policy = None
-        for split in splits:
+        # The pretrained policy is the starting point, shown on the training phrasings only.
+        for split in splits[:1] if name == "pretrained" else splits:
             out = eval_path(cfg, name, split)
             if (out / "eval_info.json").is_file():
                 log(f"evaluate {name} ({split} phrasings): {out / 'eval_info.json'} exists")
