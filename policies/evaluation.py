@@ -15,7 +15,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import envs  # noqa: F401  (registers the env ids)
-from envs.registration import TABLETOP_PREFIX, make_vector_env, resolve_env_ids
+from envs.registration import METAWORLD_PREFIX, TABLETOP_PREFIX, make_vector_env, resolve_env_ids
 
 
 @dataclass
@@ -44,6 +44,13 @@ def _env_kwargs(env_id: str, policy: Any, config: EvalConfig, video: bool) -> di
     if video:
         kwargs.update(render_mode="rgb_array", render_size=config.video_size)
     return kwargs
+
+
+def task_name(env_id: str) -> str:
+    """``PickRed`` for ``adamoe/Tabletop-PickRed-v0``, ``reach-v3`` for ``adamoe/MetaWorld-reach-v3``."""
+    if env_id.startswith(TABLETOP_PREFIX):
+        return env_id.removeprefix(TABLETOP_PREFIX).removesuffix("-v0")
+    return env_id.removeprefix(METAWORLD_PREFIX)
 
 
 def rollout_wave(
@@ -103,7 +110,7 @@ def evaluate(
         video = out is not None and config.videos_per_task > 0
         num_envs = min(config.max_envs, config.episodes_per_task)
         venv = make_vector_env(env_id, num_envs, asynchronous=False, **_env_kwargs(env_id, policy, config, video))
-        task = env_id.removeprefix(TABLETOP_PREFIX).removesuffix("-v0")
+        task = task_name(env_id)
         try:
             seeds = [config.seed + 1000 * task_index + i for i in range(config.episodes_per_task)]
             for wave, start in enumerate(range(0, len(seeds), num_envs)):

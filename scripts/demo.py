@@ -43,7 +43,7 @@ from envs.datasets import dataset_path, episode_metadata, load_dataset  # noqa: 
 from envs.registration import METAWORLD_PREFIX, TABLETOP_PREFIX, resolve_env_ids  # noqa: E402
 from policies import VLAPolicy, from_pretrained, vla_config  # noqa: E402
 from policies.data import ChunkDataset  # noqa: E402
-from policies.evaluation import EvalConfig, evaluate  # noqa: E402
+from policies.evaluation import EvalConfig, evaluate, task_name  # noqa: E402
 from policies.training import TrainConfig, train  # noqa: E402
 from policies.vla import parse_overrides  # noqa: E402
 
@@ -178,12 +178,6 @@ def expert_success(cfg: PipelineConfig, env_ids: list[str]) -> dict[str, float]:
         clean = [m["success"] for m in metas if m["noise"] == 0.0] or [m["success"] for m in metas]
         out[task_name(env_id)] = float(np.mean(clean))
     return out
-
-
-def task_name(env_id: str) -> str:
-    if env_id.startswith(TABLETOP_PREFIX):
-        return env_id.removeprefix(TABLETOP_PREFIX).removesuffix("-v0")
-    return env_id.removeprefix(METAWORLD_PREFIX)
 
 
 def policy_config(cfg: PipelineConfig, env_ids: list[str], scene_dim: int | None = None):
@@ -324,8 +318,10 @@ def task_frames(data: ChunkDataset, env_ids: list[str], per_task: int, seed: int
 
 
 def expert_use(policy: VLAPolicy, data: ChunkDataset, frames: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Share of each expert's routings per task and MoE layer, over whole sampled chunks."""
+    """Share of each expert's routings (and its mean combine weight) per task and MoE layer,
+    over every denoising step of chunks sampled from that task's demonstration frames."""
     per_task: dict[str, dict[str, list[float]]] = {}
+    weight: dict[str, dict[str, list[float]]] = {}
     with torch.inference_mode():
         for task, idx in frames.items():
             batch = data.get(idx)
@@ -334,8 +330,10 @@ def expert_use(policy: VLAPolicy, data: ChunkDataset, frames: dict[str, np.ndarr
                 policy.predict_action_chunk(batch)
             stats = adamoe.routing_stats(policy)
             per_task[task] = {name: s["share"].tolist() for name, s in stats.items()}
+            weight[task] = {name: s["mean_weight"].tolist() for name, s in stats.items()}
     layers = sorted({name for shares in per_task.values() for name in shares}, key=_layer_index)
-    return {"layers": layers, "tasks": list(per_task), "share": per_task}
+    # mean_weight: the combine weight a selected expert got (AdaMoE: p_i + s_i; vanilla: p_i).
+    return {"layers": layers, "tasks": list(per_task), "share": per_task, "mean_weight": weight}
 
 
 def _layer_index(name: str) -> int:
@@ -506,7 +504,7 @@ def plot_training(cfg: PipelineConfig, path: Path) -> None:
                 continue
             steps = np.array([r["step"] for r in records])
             loss = np.array([r.get("flow_loss", r["loss"]) for r in records])
-            k = max(1, len(loss) // 20)
+            k = max(1, min(10, len(loss) // 5))  # moving average over up to 10 logged points
             smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
             ax.plot(steps[k - 1 :], smooth, label=name, color=COLORS.get(name.split("-")[0], "#8c8c8c"))
         ax.set_yscale("log")

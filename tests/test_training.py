@@ -215,6 +215,17 @@ def test_heldout_evaluation_uses_the_heldout_phrasing(dataset, tmp_path):
     assert result["per_episode"][0]["instruction"] in envs.TASKS["ReachRed"].instructions("heldout")
 
 
+def test_evaluation_runs_on_metaworld_tasks_with_the_policys_camera(tmp_path):
+    pytest.importorskip("metaworld")
+    policy = VLAPolicy(vla_config("tiny", cameras=("corner2",)))
+    config = EvalConfig(episodes_per_task=1, videos_per_task=0)
+    result = evaluate(policy, ["adamoe/MetaWorld-reach-v3"], config, tmp_path, progress=False)
+    episode = result["per_episode"][0]
+    assert episode["task"] == "reach-v3" and episode["length"] == 500  # an untrained policy runs out of time
+    assert result["per_task"]["reach-v3"]["episodes"] == 1
+    assert (tmp_path / "eval_info.json").is_file()
+
+
 def test_summary_aggregates_success_per_task_and_overall():
     eps = [
         {"task": "A", "return": -1.0, "success": True, "length": 5},
