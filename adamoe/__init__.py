@@ -1,12 +1,16 @@
 """Generic model surgery for Mixture-of-Experts policies (torch only).
 
 The AdaMoE layer (arXiv 2510.14300): a decoupled router (which experts) and scale
-adapter (how much), sparse dispatch backends, and upcycling of dense FFNs.
+adapter (how much), sparse dispatch backends, and upcycling of dense FFNs; the diagonal
+Fisher information of a model, and merging of models (averages, Fisher-weighted, task
+arithmetic, TIES).
 """
 
 from adamoe.config import MoEConfig
 from adamoe.dispatch import BACKENDS, Routing, dispatch, select_backend
 from adamoe.experts import FeedForward, GroupedExperts, ffn_weights
+from adamoe.fisher import fisher_diagonal, load_fisher, save_fisher
+from adamoe.merging import MergePlan, merge
 from adamoe.moe import MoEFeedForward
 from adamoe.routers import TopKRouter, balance_loss, router_z_loss
 from adamoe.routing_stats import record_routing, reset_routing_stats, routing_stats
@@ -16,6 +20,7 @@ __all__ = [
     "BACKENDS",
     "FeedForward",
     "GroupedExperts",
+    "MergePlan",
     "MoEConfig",
     "MoEFeedForward",
     "Routing",
@@ -24,6 +29,9 @@ __all__ = [
     "balance_loss",
     "dispatch",
     "ffn_weights",
+    "fisher_diagonal",
+    "load_fisher",
+    "merge",
     "moe_aux_loss",
     "moe_layers",
     "record_routing",
@@ -31,6 +39,7 @@ __all__ = [
     "router_parameters",
     "router_z_loss",
     "routing_stats",
+    "save_fisher",
     "select_backend",
     "upcycle",
 ]
