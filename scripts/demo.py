@@ -544,17 +544,24 @@ def plot_expert_use(name: str, use: dict[str, Any], path: Path) -> None:
 # -- command line -----------------------------------------------------------------------
 
 
-def run(cfg: PipelineConfig) -> dict[str, Any]:
-    cfg.validate()
-    began = time.perf_counter()
-    env_ids = list(resolve_env_ids(cfg.suite))
-    collect(cfg, env_ids)
-    # Frames as the policy sees them: its cameras (Meta-World: the corner one), its chunk size.
+def load_data(cfg: PipelineConfig, env_ids: list[str]) -> ChunkDataset:
+    """Every task's frames as the policy sees them: its cameras (Meta-World: the corner one)
+    and its chunk size."""
     config = from_pretrained(cfg.pretrained).config if cfg.pretrained else policy_config(cfg, env_ids)
     log(f"load: {len(env_ids)} datasets")
     ids = [dataset_id_for(e) for e in env_ids]
     data = ChunkDataset(ids, config.chunk_size, config.cameras, root=cfg.root, progress=cfg.progress)
     log(f"load: {len(data):,} frames from {data.num_episodes} episodes")
+    return data
+
+
+def run(cfg: PipelineConfig, data: ChunkDataset | None = None) -> dict[str, Any]:
+    """Every stage; ``data``: the datasets already loaded (by ``load_data``), to skip re-reading."""
+    cfg.validate()
+    began = time.perf_counter()
+    env_ids = list(resolve_env_ids(cfg.suite))
+    collect(cfg, env_ids)
+    data = data if data is not None else load_data(cfg, env_ids)
     pretrained = pretrain(cfg, data, env_ids)
     finetune(cfg, data, pretrained)
     evaluate_all(cfg, env_ids)

@@ -149,10 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     runs = {}
     try:
+        data = None  # the seeds share one collection: read it once
         for seed in args.seeds:
             cfg = seed_config(base, out, seed, args.seeds[0], shared=not args.pretrain_per_seed)
             pipeline.log(f"experiment: seed {seed} -> {cfg.output_dir}")
-            runs[seed] = pipeline.run(cfg)
+            if data is None:
+                env_ids = list(pipeline.resolve_env_ids(cfg.suite))
+                pipeline.collect(cfg, env_ids)
+                data = pipeline.load_data(cfg, env_ids)
+            runs[seed] = pipeline.run(cfg, data)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from err
     rows = aggregate(runs, base.variants)
