@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo test bench experiment collect lint clean
+.PHONY: setup demo test bench experiment dt-merge collect lint clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,9 @@ bench: setup
 
 experiment: setup
 	$(PY) scripts/experiment.py
+
+dt-merge: setup
+	$(PY) scripts/dt_merge.py
 
 collect: setup
 	$(PY) scripts/collect.py --suite tabletop --episodes-per-task 50 --noise 0.0 0.1 0.3

@@ -29,7 +29,14 @@ FFN_KINDS = ("mlp", "gated")
 
 # Child names of the FFN kinds we read, most specific first: (gate, up, down) and (up, down).
 GATED_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"), ("gate", "up", "down"))
-MLP_NAMES = (("fc1", "fc2"), ("up_proj", "down_proj"), ("linear1", "linear2"), ("w1", "w2"), ("fc_in", "fc_out"))
+MLP_NAMES = (
+    ("fc1", "fc2"),
+    ("up_proj", "down_proj"),
+    ("linear1", "linear2"),
+    ("w1", "w2"),
+    ("fc_in", "fc_out"),
+    ("c_fc", "c_proj"),  # GPT-2 and the Decision Transformer (Conv1D: input-major weights)
+)
 ACTIVATION_ATTRS = ("act_fn", "act", "activation", "activation_fn", "act_layer")
 
 
@@ -64,23 +71,40 @@ class FFNWeights:
         return self.w_out.shape[0]
 
 
-def _linear(module: nn.Module, name: str) -> nn.Linear | None:
+def _linear(module: nn.Module, name: str) -> nn.Module | None:
+    """The projection ``name`` of ``module``: an ``nn.Linear`` or a GPT-2 ``Conv1D``."""
     child = getattr(module, name, None)
-    return child if isinstance(child, nn.Linear) else None
+    return child if isinstance(child, nn.Linear) or _is_conv1d(child) else None
+
+
+def _is_conv1d(module: object) -> bool:
+    """GPT-2's ``Conv1D``: a linear map with input-major ``weight (nx, nf)`` and ``bias (nf)``."""
+    weight = getattr(module, "weight", None)
+    return (
+        isinstance(module, nn.Module)
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+        and tuple(weight.shape) == (getattr(module, "nx", None), getattr(module, "nf", None))
+    )
+
+
+def _input_major(linear: nn.Module) -> torch.Tensor:
+    """A projection's weight as ``(in, out)``."""
+    return linear.weight.detach().clone() if _is_conv1d(linear) else linear.weight.detach().T.clone()
 
 
 def _find_activation(module: nn.Module, skip: set[str]) -> str:
     for attr in ACTIVATION_ATTRS:
         fn = getattr(module, attr, None)
-        if callable(fn) and not isinstance(fn, nn.Linear):
+        if callable(fn) and not isinstance(fn, nn.Linear) and not _is_conv1d(fn):
             return activation_name(fn)
     for name, child in module.named_children():
-        if name not in skip and not isinstance(child, (nn.Linear, nn.Dropout, nn.Identity)):
+        if name not in skip and not isinstance(child, (nn.Linear, nn.Dropout, nn.Identity)) and not _is_conv1d(child):
             return activation_name(child)
     raise ValueError(f"could not find the activation of {type(module).__name__}; expected one of {ACTIVATION_ATTRS}")
 
 
-def _bias(linear: nn.Linear) -> torch.Tensor | None:
+def _bias(linear: nn.Module) -> torch.Tensor | None:
     return None if linear.bias is None else linear.bias.detach().clone()
 
 
@@ -89,7 +113,7 @@ def ffn_weights(module: nn.Module) -> FFNWeights:
     for gate_name, up_name, down_name in GATED_NAMES:
         gate, up, down = (_linear(module, n) for n in (gate_name, up_name, down_name))
         if gate is not None and up is not None and down is not None:
-            w_in = torch.cat([gate.weight.detach().T, up.weight.detach().T], dim=1)
+            w_in = torch.cat([_input_major(gate), _input_major(up)], dim=1)
             biases = (_bias(gate), _bias(up))
             b_in = (
                 None
@@ -97,14 +121,12 @@ def ffn_weights(module: nn.Module) -> FFNWeights:
                 else torch.cat([b if b is not None else torch.zeros(gate.out_features) for b in biases])
             )
             act = _find_activation(module, {gate_name, up_name, down_name})
-            return FFNWeights("gated", act, w_in.clone(), b_in, down.weight.detach().T.clone(), _bias(down))
+            return FFNWeights("gated", act, w_in, b_in, _input_major(down), _bias(down))
     for up_name, down_name in MLP_NAMES:
         up, down = _linear(module, up_name), _linear(module, down_name)
         if up is not None and down is not None:
             act = _find_activation(module, {up_name, down_name})
-            return FFNWeights(
-                "mlp", act, up.weight.detach().T.clone(), _bias(up), down.weight.detach().T.clone(), _bias(down)
-            )
+            return FFNWeights("mlp", act, _input_major(up), _bias(up), _input_major(down), _bias(down))
     if isinstance(module, nn.Sequential):
         layers = [m for m in module if not isinstance(m, (nn.Dropout, nn.Identity))]
         if len(layers) == 3 and isinstance(layers[0], nn.Linear) and isinstance(layers[2], nn.Linear):

@@ -87,6 +87,56 @@ class MoEFeedForward(nn.Module):
         ref = weights.w_in
         return layer.to(device=ref.device, dtype=ref.dtype)
 
+    @classmethod
+    def from_experts(
+        cls,
+        ffns: list[nn.Module],
+        config: MoEConfig,
+        shared_experts: list[nn.Module] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> MoEFeedForward:
+        """Merge several dense FFNs of one shape into one MoE layer, FFN ``i`` becoming routed
+        expert ``i`` (Branch-Train-Mix / BAM: the FFNs of models fine-tuned on different
+        tasks). The router and scale adapter start at N(0, router_init_std^2) and are meant
+        to be fitted on the tasks' data; ``shared_experts`` (``config.num_shared_experts`` of
+        them) are used as given."""
+        if len(ffns) != config.num_experts:
+            raise ValueError(f"got {len(ffns)} FFNs for num_experts={config.num_experts}; give one FFN per expert")
+        weights = [ffn_weights(f) for f in ffns]
+        first = weights[0]
+        for i, w in enumerate(weights[1:], start=1):
+            same = (w.kind, w.activation, tuple(w.w_in.shape), tuple(w.w_out.shape)) == (
+                first.kind,
+                first.activation,
+                tuple(first.w_in.shape),
+                tuple(first.w_out.shape),
+            )
+            if not same or (w.b_in is None) != (first.b_in is None) or (w.b_out is None) != (first.b_out is None):
+                raise ValueError(
+                    f"FFN {i} ({w.kind}/{w.activation}, {w.dim}->{w.hidden}) does not match FFN 0 "
+                    f"({first.kind}/{first.activation}, {first.dim}->{first.hidden}): experts must share one shape"
+                )
+        layer = cls(
+            config,
+            first.dim,
+            first.hidden,
+            first.kind,
+            first.activation,
+            bias_in=first.b_in is not None,
+            bias_out=first.b_out is not None,
+            shared_experts=shared_experts,
+        )
+        with torch.no_grad():
+            for name in ("w_in", "b_in", "w_out", "b_out"):
+                param = getattr(layer.experts, name)
+                if param is not None:
+                    param.copy_(torch.stack([getattr(w, name) for w in weights]))
+            for linear in (layer.router.gate, layer.scale_adapter):
+                if linear is not None:
+                    noise = torch.randn(linear.weight.shape, generator=generator)
+                    linear.weight.copy_(noise * config.router_init_std)
+        return layer.to(device=first.w_in.device, dtype=first.w_in.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.dim:
             raise ValueError(

@@ -201,3 +201,35 @@ def test_huggingface_model_upcycled_with_paper_init_trains():
     (out.loss + aux).backward()
     layer = model.model.layers[0].mlp
     assert layer.router.gate.weight.grad is not None and logs["balance_loss"] > 0
+
+
+def test_gpt2_conv1d_mlp_reads_as_an_ffn_with_input_major_weights():
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+
+    mlp = GPT2MLP(64, transformers.GPT2Config(n_embd=16)).eval()
+    weights = adamoe.experts.ffn_weights(mlp)
+    assert (weights.kind, weights.activation, tuple(weights.w_in.shape)) == ("mlp", "gelu_tanh", (16, 64))
+    x = torch.randn(5, 16)
+    ref = adamoe.experts.ACTIVATIONS["gelu_tanh"](x @ weights.w_in + weights.b_in) @ weights.w_out + weights.b_out
+    torch.testing.assert_close(mlp(x), ref)
+    layer = MoEFeedForward.from_dense(mlp, MoEConfig())
+    assert layer.experts.hidden == 64
+
+
+def test_from_experts_makes_each_ffn_one_routed_expert():
+    torch.manual_seed(0)
+    ffns = [adamoe.experts.FeedForward(8, 16, "mlp", "gelu") for _ in range(3)]
+    config = MoEConfig(num_experts=3, top_k=3, num_shared_experts=0, router="topk", routed_coef=1.0)
+    layer = MoEFeedForward.from_experts(ffns, config, generator=torch.Generator().manual_seed(0)).eval()
+    x = torch.randn(10, 8)
+    probs = torch.softmax(layer.router.gate(x).float(), dim=-1)
+    expected = sum(probs[:, i : i + 1] * ffn(x) for i, ffn in enumerate(ffns))
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+    for i, ffn in enumerate(ffns):
+        torch.testing.assert_close(layer.experts.w_in[i], ffn.fc1.weight.T)
+    with pytest.raises(ValueError, match="got 2 FFNs for num_experts=3"):
+        MoEFeedForward.from_experts(ffns[:2], config)
+    wider = adamoe.experts.FeedForward(8, 32, "mlp", "gelu")
+    with pytest.raises(ValueError, match="FFN 2 .* does not match FFN 0"):
+        MoEFeedForward.from_experts([*ffns[:2], wider], config)
