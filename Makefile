@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo test bench experiment dt-merge collect lint clean
+.PHONY: setup demo test bench experiment dt-merge families collect lint clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,9 @@ experiment: setup
 
 dt-merge: setup
 	$(PY) scripts/dt_merge.py
+
+families: setup
+	$(PY) scripts/families.py
 
 collect: setup
 	$(PY) scripts/collect.py --suite tabletop --episodes-per-task 50 --noise 0.0 0.1 0.3

@@ -6,6 +6,7 @@ Fisher information of a model, and merging of models (averages, Fisher-weighted,
 arithmetic, TIES).
 """
 
+from adamoe.compression import CompressedExperts, compress_experts
 from adamoe.config import MoEConfig
 from adamoe.dispatch import BACKENDS, Routing, dispatch, select_backend
 from adamoe.experts import FeedForward, GroupedExperts, ffn_weights
@@ -14,10 +15,19 @@ from adamoe.merging import MergePlan, merge
 from adamoe.moe import MoEFeedForward
 from adamoe.routers import TopKRouter, balance_loss, router_z_loss
 from adamoe.routing_stats import record_routing, reset_routing_stats, routing_stats
-from adamoe.upcycle import UpcycleReport, moe_aux_loss, moe_layers, router_parameters, upcycle
+from adamoe.upcycle import (
+    UpcycleReport,
+    consistency_coef,
+    moe_aux_loss,
+    moe_layers,
+    router_parameters,
+    routing_top_k,
+    upcycle,
+)
 
 __all__ = [
     "BACKENDS",
+    "CompressedExperts",
     "FeedForward",
     "GroupedExperts",
     "MergePlan",
@@ -27,6 +37,8 @@ __all__ = [
     "TopKRouter",
     "UpcycleReport",
     "balance_loss",
+    "compress_experts",
+    "consistency_coef",
     "dispatch",
     "ffn_weights",
     "fisher_diagonal",
@@ -39,6 +51,7 @@ __all__ = [
     "router_parameters",
     "router_z_loss",
     "routing_stats",
+    "routing_top_k",
     "save_fisher",
     "select_backend",
     "upcycle",

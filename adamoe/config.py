@@ -6,7 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-ROUTERS = ("adamoe", "topk")
+ROUTERS = ("adamoe", "topk", "topany", "thor", "smear", "soft")
+TOKEN_ROUTERS = ("adamoe", "topk", "topany", "thor")  # route each token; smear and soft mix per sequence
 BALANCE_LOSSES = ("mean", "switch", "none")
 BACKENDS = ("auto", "grouped_mm", "batched_mm", "loop", "dense")
 INITS = ("paper", "preserve")
@@ -24,6 +25,18 @@ class MoEConfig:
       the selected experts when ``renormalize`` (as Mixtral does).
     ``gate`` is a learnable scalar that exists only when ``routed_gate_init`` is set
     (``upcycle(init="preserve")`` sets it to 0 so the layer starts as the dense FFN).
+
+    Other families (``router=``): ``"topany"`` (DynMoE: every expert whose sigmoid
+    cosine score clears its learned threshold, at least one; ``top_k`` is ignored),
+    ``"thor"`` (THOR: no learned router; each token goes to a uniformly random expert with
+    weight 1, in training and inference; train with the consistency regulariser,
+    ``consistency_coef`` times the mean squared difference of two forward passes' outputs,
+    see ``adamoe.consistency_coef``),
+    ``"smear"`` (SMEAR: one expert per sequence whose parameters are the routing-weighted
+    average of the experts', run once) and ``"soft"`` (Soft MoE: ``slots_per_expert``
+    slots per expert, each a softmax-weighted mix of the sequence's tokens; every token a
+    softmax-weighted mix of the slots' outputs). ``smear`` and ``soft`` read the input as
+    ``(..., T, D)`` sequences (a 2-d input is one sequence).
     """
 
     num_experts: int = 4
@@ -47,6 +60,26 @@ class MoEConfig:
     # training forward, outside the gradient.
     aux_free_bias: bool = False
     bias_update_rate: float = 1e-3
+    # Switch Transformer capacity: expert e takes at most ceil(capacity_factor * N * k / E)
+    # token-expert pairs per forward, first choices first and tokens in order; the rest are
+    # dropped (their routed output is 0; the residual and shared experts still carry them).
+    # None: dropless.
+    capacity_factor: float | None = None
+    slots_per_expert: int = 1  # router="soft"
+    consistency_coef: float = 1.0  # router="thor": weight of the two-pass consistency loss
+    # Structured experts: "lowrank" (W = U V, rank structure_rank, from the dense FFN's SVD)
+    # or "blockdiag" (structure_blocks diagonal blocks of it). With self_guided_steps > 0 the
+    # layer's output blends in the dense FFN: alpha * dense + (1 - alpha) * MoE, alpha
+    # decaying linearly from 1 to 0 over that many training forwards (self-guided training).
+    expert_structure: str = "dense"
+    structure_rank: int = 16
+    structure_blocks: int = 4
+    self_guided_steps: int = 0
+    # Gating dropout (Liu et al., ICML 2022): while training, with this probability per
+    # forward, the router is skipped and every token goes to expert gating_dropout_expert
+    # with weight 1.
+    gating_dropout: float = 0.0
+    gating_dropout_expert: int = 0
     router_init_std: float = 0.006
     expert_noise_std: float = 0.0
     backend: str = "auto"
@@ -69,7 +102,38 @@ class MoEConfig:
         ):
             if value not in valid:
                 raise ValueError(f"{name}={value!r} is not one of {valid}")
-        for name in ("balance_coef", "balance_coef_after", "z_loss_coef", "router_init_std", "expert_noise_std"):
+        if self.expert_structure not in ("dense", "lowrank", "blockdiag"):
+            raise ValueError(
+                f"expert_structure={self.expert_structure!r} is not one of ('dense', 'lowrank', 'blockdiag')"
+            )
+        for name in ("structure_rank", "structure_blocks"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not isinstance(self.self_guided_steps, int) or self.self_guided_steps < 0:
+            raise ValueError(f"self_guided_steps must be an integer >= 0, got {self.self_guided_steps!r}")
+        if self.router == "thor" and self.top_k != 1:
+            raise ValueError(f"router='thor' sends each token to one random expert: top_k must be 1, got {self.top_k}")
+        if self.aux_free_bias and self.router not in ("adamoe", "topk"):
+            raise ValueError(f"aux_free_bias needs a top-k router ('adamoe' or 'topk'), not router={self.router!r}")
+        if not isinstance(self.slots_per_expert, int) or self.slots_per_expert < 1:
+            raise ValueError(f"slots_per_expert must be an integer >= 1, got {self.slots_per_expert!r}")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {self.capacity_factor!r}")
+        if not 0.0 <= self.gating_dropout <= 1.0:
+            raise ValueError(f"gating_dropout must be in [0, 1], got {self.gating_dropout!r}")
+        if not isinstance(self.gating_dropout_expert, int) or not 0 <= self.gating_dropout_expert < self.num_experts:
+            raise ValueError(
+                f"gating_dropout_expert must be an expert index in [0, {self.num_experts}), "
+                f"got {self.gating_dropout_expert!r}"
+            )
+        for name in (
+            "balance_coef",
+            "balance_coef_after",
+            "z_loss_coef",
+            "router_init_std",
+            "expert_noise_std",
+            "consistency_coef",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
 

@@ -20,6 +20,7 @@ groups padding costs arithmetic, and ``grouped_mm`` runs exactly the routed rows
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -42,11 +43,16 @@ class Routing:
     indices: torch.Tensor  # (N, k) selected experts
     weights: torch.Tensor  # (N, k) their combine weights
     num_experts: int
+    keep: torch.Tensor | None = None  # (N, k) bool: pairs over an expert's capacity are False (dropped)
 
     @cached_property
     def order(self) -> torch.Tensor:
-        """Token-expert pairs (flattened (N, k)) sorted by expert, stable."""
-        return torch.argsort(self.indices.reshape(-1), stable=True)
+        """The kept token-expert pairs (indices into the flattened (N, k)) sorted by expert, stable."""
+        flat = self.indices.reshape(-1)
+        if self.keep is None:
+            return torch.argsort(flat, stable=True)
+        kept = self.keep.reshape(-1).nonzero().squeeze(-1)
+        return kept[torch.argsort(flat[kept], stable=True)]
 
     @cached_property
     def tokens(self) -> torch.Tensor:
@@ -63,12 +69,17 @@ class Routing:
     @cached_property
     def counts(self) -> torch.Tensor:
         """Tokens per expert, (E,)."""
-        return torch.bincount(self.indices.reshape(-1), minlength=self.num_experts)
+        return torch.bincount(self.pair_expert, minlength=self.num_experts)
 
     @cached_property
     def capacity(self) -> int:
         """The largest group: the rows per expert of a padded buffer (a host sync)."""
-        return int(self.counts.max()) if self.indices.numel() else 0
+        return int(self.counts.max()) if self.order.numel() else 0
+
+    @cached_property
+    def dense_weights(self) -> torch.Tensor:
+        """``weights`` with dropped pairs zeroed."""
+        return self.weights if self.keep is None else self.weights * self.keep.to(self.weights.dtype)
 
 
 Backend = Callable[[torch.Tensor, Routing, GroupedExperts], torch.Tensor]
@@ -137,7 +148,7 @@ def dense_dispatch(x: torch.Tensor, routing: Routing, experts: GroupedExperts) -
     if experts.b_out is not None:
         out = out + experts.b_out.unsqueeze(1)
     combine = torch.zeros(x.shape[0], experts.num_experts, dtype=out.dtype, device=x.device)  # (N, E)
-    combine.scatter_add_(1, routing.indices, routing.weights.to(out.dtype))
+    combine.scatter_add_(1, routing.indices, routing.dense_weights.to(out.dtype))
     return torch.einsum("ne,end->nd", combine, out)
 
 
@@ -167,11 +178,11 @@ def select_backend(name: str, x: torch.Tensor, experts: GroupedExperts, routing:
                 f"({experts.dim}, {experts.hidden}); use 'batched_mm', 'loop' or 'auto'"
             )
         return name
-    if experts.num_experts <= routing.indices.shape[1]:
+    if experts.num_experts <= routing.indices.shape[1] and routing.keep is None:
         return "dense"  # every expert runs on every token anyway
     if x.device.type == "cpu":
         padded = experts.num_experts * routing.capacity
-        if routing.capacity <= SMALL_GROUP_ROWS or padded <= (1 + MAX_PADDING) * routing.indices.numel():
+        if routing.capacity <= SMALL_GROUP_ROWS or padded <= (1 + MAX_PADDING) * routing.order.numel():
             return "batched_mm"
     if grouped_mm_supported(x, experts):
         return "grouped_mm"
@@ -179,8 +190,26 @@ def select_backend(name: str, x: torch.Tensor, experts: GroupedExperts, routing:
 
 
 def dispatch(
-    x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, experts: GroupedExperts, backend: str = "auto"
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    experts: GroupedExperts,
+    backend: str = "auto",
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``sum_j weights[:, j] * E_{indices[:, j]}(x)`` for tokens ``x (N, D)``."""
-    routing = Routing(indices, weights, experts.num_experts)
+    """``sum_j keep[:, j] * weights[:, j] * E_{indices[:, j]}(x)`` for tokens ``x (N, D)``;
+    dropped pairs (``keep`` False) are not computed at all."""
+    routing = Routing(indices, weights, experts.num_experts, keep)
     return BACKENDS[select_backend(backend, x, experts, routing)](x, routing, experts)
+
+
+def capacity_keep(indices: torch.Tensor, num_experts: int, capacity_factor: float) -> torch.Tensor:
+    """Switch / GShard token dropping: expert ``e`` takes at most
+    ``ceil(capacity_factor * N * k / E)`` token-expert pairs, first choices before second
+    choices and, within a choice, tokens in order; returns the (N, k) mask of kept pairs."""
+    n, k = indices.shape
+    capacity = math.ceil(capacity_factor * n * k / num_experts)
+    by_choice = indices.T.reshape(-1)  # choice-major: every token's first choice, then second...
+    one_hot = torch.nn.functional.one_hot(by_choice, num_experts)
+    position = (torch.cumsum(one_hot, 0) - 1).gather(1, by_choice.unsqueeze(1)).squeeze(1)
+    return (position < capacity).reshape(k, n).T

@@ -251,3 +251,94 @@ class GroupedExperts(nn.Module):
             f"num_experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}, "
             f"kind={self.kind}, activation={self.activation}"
         )
+
+
+STRUCTURES = ("dense", "lowrank", "blockdiag")
+
+
+class StructuredExperts(nn.Module):
+    """E experts whose weight matrices are structured: ``lowrank`` (``W = U V`` of rank
+    ``rank``) or ``blockdiag`` (``blocks`` diagonal blocks). ``w_in`` / ``w_out`` are the
+    full ``(E, rows, cols)`` matrices assembled from the factors, so every dispatch backend
+    runs them unchanged; the parameters (and a checkpoint) hold the factors only."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        dim: int,
+        hidden: int,
+        kind: str = "mlp",
+        activation: str = "gelu",
+        bias_in: bool = True,
+        bias_out: bool = True,
+        structure: str = "lowrank",
+        rank: int = 16,
+        blocks: int = 4,
+    ) -> None:
+        super().__init__()
+        if structure not in STRUCTURES[1:]:
+            raise ValueError(f"structure={structure!r} is not one of {STRUCTURES[1:]}")
+        self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
+        self.kind, self.activation, self.structure = kind, activation, structure
+        self._act = ACTIVATIONS[activation]
+        width = 2 * hidden if kind == "gated" else hidden
+        self.shapes = {"w_in": (dim, width), "w_out": (hidden, dim)}
+        if structure == "lowrank":
+            if rank < 1 or rank > min(dim, hidden):
+                raise ValueError(f"rank must be in [1, {min(dim, hidden)}], got {rank}")
+            self.rank = rank
+            for name, (rows, cols) in self.shapes.items():
+                self.register_parameter(f"{name}_u", nn.Parameter(torch.randn(num_experts, rows, rank) * rows**-0.5))
+                self.register_parameter(f"{name}_v", nn.Parameter(torch.randn(num_experts, rank, cols) * rank**-0.5))
+        else:
+            if blocks < 1 or any(n % blocks for n in (dim, width, hidden)):
+                raise ValueError(f"blocks={blocks} must divide dim={dim}, hidden={hidden} and width={width}")
+            self.blocks = blocks
+            for name, (rows, cols) in self.shapes.items():
+                init = torch.randn(num_experts, blocks, rows // blocks, cols // blocks) * (rows // blocks) ** -0.5
+                self.register_parameter(f"{name}_blocks", nn.Parameter(init))
+        self.b_in = nn.Parameter(torch.zeros(num_experts, width)) if bias_in else None
+        self.b_out = nn.Parameter(torch.zeros(num_experts, dim)) if bias_out else None
+
+    def _full(self, name: str) -> torch.Tensor:
+        if self.structure == "lowrank":
+            return getattr(self, f"{name}_u") @ getattr(self, f"{name}_v")
+        return torch.func.vmap(lambda b: torch.block_diag(*b))(getattr(self, f"{name}_blocks"))
+
+    @property
+    def w_in(self) -> torch.Tensor:
+        return self._full("w_in")
+
+    @property
+    def w_out(self) -> torch.Tensor:
+        return self._full("w_out")
+
+    @torch.no_grad()
+    def init_from(self, weights: FFNWeights) -> None:
+        """Every expert from one dense FFN: its truncated SVD (``lowrank``, split as
+        ``U S^1/2, S^1/2 V``) or its diagonal blocks (``blockdiag``)."""
+        for name, full in (("w_in", weights.w_in), ("w_out", weights.w_out)):
+            full = full.float()
+            if self.structure == "lowrank":
+                u, s, vh = torch.linalg.svd(full, full_matrices=False)
+                root = s[: self.rank].sqrt()
+                getattr(self, f"{name}_u").copy_((u[:, : self.rank] * root).expand_as(getattr(self, f"{name}_u")))
+                getattr(self, f"{name}_v").copy_(
+                    (root[:, None] * vh[: self.rank]).expand_as(getattr(self, f"{name}_v"))
+                )
+            else:
+                rows, cols = full.shape
+                rb, cb = rows // self.blocks, cols // self.blocks
+                blocks = torch.stack([full[i * rb : (i + 1) * rb, i * cb : (i + 1) * cb] for i in range(self.blocks)])
+                getattr(self, f"{name}_blocks").copy_(blocks.expand_as(getattr(self, f"{name}_blocks")))
+        for name in ("b_in", "b_out"):
+            value = getattr(weights, name)
+            if getattr(self, name) is not None and value is not None:
+                getattr(self, name).copy_(value.expand_as(getattr(self, name)))
+
+    hidden_act = GroupedExperts.hidden_act
+    forward_expert = GroupedExperts.forward_expert
+
+    def extra_repr(self) -> str:
+        detail = f"rank={self.rank}" if self.structure == "lowrank" else f"blocks={self.blocks}"
+        return f"num_experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}, {self.structure}, {detail}"

@@ -20,6 +20,7 @@ class RouterOutput:
     probs: torch.Tensor  # (N, E) softmax over all experts (float32)
     logits: torch.Tensor  # (N, E)
     selected_probs: torch.Tensor  # (N, k) = probs gathered at indices
+    keep: torch.Tensor | None = None  # (N, k) bool, top-any: which of the E candidates are active
 
 
 class TopKRouter(nn.Module):
@@ -58,7 +59,10 @@ class TopKRouter(nn.Module):
 
 
 def expert_fraction(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """f_i: the fraction of tokens whose top-k includes expert i."""
+    """f_i: the fraction of tokens whose top-k includes expert i; ``indices`` is ``(N, k)``
+    expert ids or an ``(N, E)`` boolean mask of the active experts (top-any)."""
+    if indices.dtype == torch.bool:
+        return indices.float().mean(0)
     counts = torch.bincount(indices.reshape(-1), minlength=num_experts).float()
     return counts / indices.shape[0]
 
@@ -78,3 +82,54 @@ def balance_loss(probs: torch.Tensor, indices: torch.Tensor, form: str = "mean")
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     """ST-MoE's z-loss: mean over tokens of logsumexp(logits)^2, keeps logits small."""
     return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+
+
+class TopAnyRouter(nn.Module):
+    """DynMoE's top-any gating (Guo et al., 2024): ``s_e = sigmoid(cos(x, w_e))`` against a
+    learned per-expert threshold ``sigmoid(t_e)``; a token uses every expert whose score
+    clears its threshold, and its best expert when none does. The active experts' scores,
+    renormalised, are the combine weights; the hard gate passes gradients to the scores
+    and thresholds straight through."""
+
+    def __init__(self, dim: int, num_experts: int, init_std: float = 0.006) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate = nn.Linear(dim, num_experts, bias=False)  # rows: the experts' representations w_e
+        nn.init.normal_(self.gate.weight, std=init_std)
+        self.threshold = nn.Parameter(torch.zeros(num_experts))  # t_e; sigmoid(0) = 0.5
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        x32 = x.float()
+        w = self.gate.weight.float()
+        cos = (x32 @ w.T) / (x32.norm(dim=-1, keepdim=True) * w.norm(dim=-1) + 1e-6)
+        scores = torch.sigmoid(cos)  # (N, E)
+        margin = scores - torch.sigmoid(self.threshold.float())
+        hard = margin > 0
+        none = ~hard.any(-1)
+        if none.any():  # at least one expert per token: its best
+            hard = hard | (none.unsqueeze(-1) & (scores == scores.max(-1, keepdim=True).values))
+        gate = hard.float() + margin - margin.detach()  # straight-through
+        weighted = gate * scores
+        weights = weighted / weighted.sum(-1, keepdim=True).clamp_min(1e-6)
+        n = x.shape[0]
+        indices = torch.arange(self.num_experts, device=x.device).expand(n, -1)
+        probs = scores / scores.sum(-1, keepdim=True)
+        return RouterOutput(indices, probs, cos, weights, keep=hard)
+
+
+class RandomRouter(nn.Module):
+    """THOR (Zuo et al., 2022): no learned router; every token to a uniformly random expert
+    with weight 1, in training and at inference."""
+
+    gate = None  # nothing to initialise
+
+    def __init__(self, num_experts: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        n = x.shape[0]
+        indices = torch.randint(self.num_experts, (n, 1), device=x.device)
+        probs = torch.full((n, self.num_experts), 1.0 / self.num_experts, device=x.device)
+        ones = torch.ones(n, 1, device=x.device)
+        return RouterOutput(indices, probs, probs.log(), ones)

@@ -196,3 +196,32 @@ def router_parameters(model: nn.Module) -> list[nn.Parameter]:
         if layer.scale_adapter is not None:
             params.extend(layer.scale_adapter.parameters())
     return params
+
+
+def consistency_coef(model: nn.Module) -> float:
+    """The weight of THOR's consistency loss for ``model`` (0 when it has no THOR layer):
+    a training loop runs two forward passes and adds this times the mean squared
+    difference of their outputs (symmetric) to the mean of their losses."""
+    coefs = [m.config.consistency_coef for m in moe_layers(model).values() if m.config.router == "thor"]
+    return max(coefs) if coefs else 0.0
+
+
+class routing_top_k:  # noqa: N801  (used as a context manager, like torch.no_grad)
+    """Within ``with routing_top_k(model, k):`` every top-k MoE layer of ``model`` selects
+    ``k`` experts (SCMoE's strong and weak routings at inference)."""
+
+    def __init__(self, model: nn.Module, k: int) -> None:
+        self.layers = [m for m in moe_layers(model).values() if m.config.router in ("adamoe", "topk")]
+        if not self.layers:
+            raise ValueError("the model has no top-k MoE layer whose routing could be changed")
+        self.k = k
+
+    def __enter__(self):
+        self.saved = [m.top_k_override for m in self.layers]
+        for m in self.layers:
+            m.top_k_override = self.k
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for m, saved in zip(self.layers, self.saved, strict=True):
+            m.top_k_override = saved

@@ -24,6 +24,7 @@ SECTIONS = {
     "moe": "bench_moe",
     "vla": "bench_vla",
     "fisher": "bench_fisher",
+    "control": "bench_control",
 }
 
 

@@ -7,6 +7,8 @@ with ``auto``; the dense FFN; every expert on every token then a gather (AdaMoE'
 released code); a Python loop over experts with one-hot masks (Hugging Face's eager
 MoE); and the bare matmuls: what the batched_mm backend multiplies, on tokens grouped
 once beforehand, with no routing at all, which shows what the arithmetic alone costs.
+The other families of the literature (Switch with capacity, DynMoE top-any, THOR, SMEAR,
+Soft MoE, SCMoE's two routings) at the control shape, upcycled the same way.
 """
 
 from __future__ import annotations
@@ -74,6 +76,28 @@ def bare_matmuls(layer: MoEFeedForward, x: torch.Tensor):
     return run
 
 
+# The other MoE families at the control shape (inference), each with the same shared expert.
+FAMILIES = {
+    "Switch top-1, capacity 1.25": {"router": "topk", "capacity_factor": 1.25},
+    "DynMoE top-any": {"router": "topany"},
+    "THOR (random expert)": {"router": "thor"},
+    "SMEAR (merged expert)": {"router": "smear"},
+    "Soft MoE (1 slot per expert)": {"router": "soft"},
+    "SCMoE (top-2 and top-1 passes)": {"router": "topk", "top_k": 2, "renormalize": True},
+    "AdaMoE, low-rank experts (rank 64)": {"expert_structure": "lowrank", "structure_rank": 64},
+}
+
+
+def _self_contrast(layer: MoEFeedForward, x: torch.Tensor) -> torch.Tensor:
+    strong = layer(x)
+    layer.top_k_override = 1
+    try:
+        weak = layer(x)
+    finally:
+        layer.top_k_override = None
+    return 1.5 * strong - 0.5 * weak
+
+
 def _time(fn, iters: int) -> float:
     start = time.perf_counter()
     for _ in range(iters):
@@ -116,6 +140,14 @@ def run(repeats: int = 5, quick: bool = False) -> list[dict]:
     control_cases["all experts (released code)"] = infer(lambda x: released_all_experts(ref, x))
     control_cases["expert loop with masks (HF eager)"] = infer(lambda x: eager_mask_loop(ref, x))
     control_cases["bare matmuls (no routing)"] = infer(bare_matmuls(ref, control))
+    for name, overrides in FAMILIES.items():  # each family's layer, upcycled from the same FFN the same way
+        family = MoEFeedForward.from_dense(
+            copy.deepcopy(dense), MoEConfig(**{"num_experts": EXPERTS, "top_k": TOP_K, **overrides}), torch.Generator()
+        ).eval()
+        if name.startswith("SCMoE"):  # strong (top-2) and weak (top-1) routing, both per call
+            control_cases[f"family {name}"] = infer(lambda x, f=family: _self_contrast(f, x))
+        else:
+            control_cases[f"family {name}"] = infer(family)
     train_cases["all experts (released code)"] = fwd_bwd(lambda x: released_all_experts(ref, x), ref)
     train_cases["expert loop with masks (HF eager)"] = fwd_bwd(lambda x: eager_mask_loop(ref, x), ref)
 

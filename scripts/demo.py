@@ -47,8 +47,23 @@ from policies.evaluation import EvalConfig, evaluate, task_name  # noqa: E402
 from policies.training import TrainConfig, train  # noqa: E402
 from policies.vla import parse_overrides  # noqa: E402
 
-KINDS = ("dense", "vanilla", "adamoe")
-ROUTER = {"vanilla": "topk", "adamoe": "adamoe"}
+# Each MoE kind as MoEConfig fields on top of (num_experts, top_k). The demo runs the
+# first three; the others are the families of the literature (make families).
+FAMILIES: dict[str, dict[str, Any]] = {
+    "vanilla": {"router": "topk"},
+    "adamoe": {"router": "adamoe"},
+    "switch": {"router": "topk", "capacity_factor": 1.25, "balance_loss": "switch"},
+    "gatedrop": {"router": "topk", "gating_dropout": 0.2},
+    "topany": {"router": "topany"},
+    "thor": {"router": "thor", "expert_noise_std": 1e-3},
+    "smear": {"router": "smear"},
+    "soft": {"router": "soft"},
+    "scmoe": {"router": "topk", "top_k": 2, "renormalize": True},  # + self-contrast decoding
+    "lowrank": {"router": "adamoe", "expert_structure": "lowrank", "structure_rank": 32, "self_guided_steps": 100},
+}
+SELF_CONTRAST = {"scmoe": 0.5}  # beta of (1 + beta) * top-2 - beta * top-1 at inference
+KINDS = ("dense", *FAMILIES)
+DEMO_VARIANTS = ("dense", "vanilla", "adamoe")
 SPLITS = ("train", "heldout")
 COLORS = {"pretrained": "#8c8c8c", "dense": "#4c72b0", "vanilla": "#dd8452", "adamoe": "#55a868"}
 
@@ -76,7 +91,7 @@ class PipelineConfig:
     pretrained: str | None = None  # reuse a dense checkpoint instead of pretraining
     finetune_steps: int = 200
     finetune_lr: float = 3e-4
-    variants: list[str] = field(default_factory=lambda: list(KINDS))
+    variants: list[str] = field(default_factory=lambda: list(DEMO_VARIANTS))
     init: str = "paper"
     num_experts: int = 4
     top_k: int = 1
@@ -237,9 +252,10 @@ def upcycled(cfg: PipelineConfig, pretrained: Path, variant: str) -> VLAPolicy:
     kind, init = parse_variant(variant, cfg.init)
     policy = from_pretrained(pretrained)
     if kind != "dense":
-        moe = adamoe.MoEConfig(num_experts=cfg.num_experts, top_k=cfg.top_k, router=ROUTER[kind])
+        moe = adamoe.MoEConfig(**{"num_experts": cfg.num_experts, "top_k": cfg.top_k, **FAMILIES[kind]})
         generator = torch.Generator().manual_seed(cfg.seed)
         policy.upcycle(moe, init=init, generator=generator)
+        policy.config.self_contrast_beta = SELF_CONTRAST.get(kind, 0.0)
     return policy
 
 
@@ -592,7 +608,7 @@ def parse_args(argv: list[str] | None = None) -> PipelineConfig:
     p.add_argument("--pretrained", default=None, help="a dense checkpoint to fine-tune instead of pretraining")
     p.add_argument("--finetune-steps", type=int, default=None)
     p.add_argument("--finetune-lr", type=float, default=None)
-    p.add_argument("--variants", nargs="+", default=None, help="dense, vanilla, adamoe (+ -paper / -preserve)")
+    p.add_argument("--variants", nargs="+", default=None, help=f"of {list(KINDS)} (+ -paper / -preserve)")
     p.add_argument("--init", default=d.init, choices=adamoe.config.INITS, help="upcycling initialisation")
     p.add_argument("--eval-episodes", type=int, default=None, help="episodes per task and phrasing split")
     p.add_argument("--no-eval-pretrained", action="store_true", help="skip evaluating the pretrained policy")

@@ -99,7 +99,9 @@ def test_variant_names_are_checked_against_the_known_kinds(demo):
     assert demo.parse_variant("adamoe", "paper") == ("adamoe", "paper")
     assert demo.parse_variant("vanilla-preserve", "paper") == ("vanilla", "preserve")
     assert demo.parse_variant("dense", "preserve") == ("dense", None)
-    with pytest.raises(ValueError, match=r"variant 'moe': the kind must be one of \('dense', 'vanilla', 'adamoe'\)"):
+    with pytest.raises(
+        ValueError, match=r"variant 'moe': the kind must be one of \('dense', 'vanilla', 'adamoe', 'switch'"
+    ):
         demo.parse_variant("moe", "paper")
     with pytest.raises(ValueError, match="init 'warm' is not one of"):
         demo.parse_variant("adamoe-warm", "paper")

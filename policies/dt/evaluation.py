@@ -105,8 +105,7 @@ class DTActor:
             self.states[i].append(states[j])
             self.actions[i].append(np.zeros(self.spec.act_dim, dtype=np.float32))
         t = len(self.states[alive[0]])
-        # Episodes in one wave may have different lengths only if they started together and
-        # some ended: every alive episode has the same number of steps.
+        # Every episode starts together, so the running ones have all taken t steps.
         s = torch.as_tensor(np.stack([np.stack(self.states[i][-k:]) for i in alive]), device=self.device)
         a = torch.as_tensor(np.stack([np.stack(self.actions[i][-k:]) for i in alive]), device=self.device)
         r = torch.as_tensor(np.array([self.rtg[i][-k:] for i in alive], dtype=np.float32), device=self.device)

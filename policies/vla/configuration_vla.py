@@ -68,6 +68,11 @@ class VLAConfig:
     scene_aux_weight: float = 1.0
     # Normalisation of state and actions from dataset statistics ("mean_std" or "min_max").
     normalization: str = "mean_std"
+    # Self-contrast decoding (SCMoE) for an upcycled top-k policy: each Euler step uses
+    # (1 + beta) * v_strong - beta * v_weak, the velocities under top-``self_contrast_k[0]``
+    # and top-``self_contrast_k[1]`` routing. 0 turns it off.
+    self_contrast_beta: float = 0.0
+    self_contrast_k: tuple[int, int] = (2, 1)
     # Set by ``VLAPolicy.upcycle``: the action expert's FFNs are MoE layers with this
     # effective per-layer config (None for a dense policy).
     moe: dict[str, Any] | None = None
@@ -78,6 +83,7 @@ class VLAConfig:
         self.vision_channels = tuple(self.vision_channels)
         self.time_beta = tuple(self.time_beta)
         self.ngram_range = tuple(self.ngram_range)
+        self.self_contrast_k = tuple(self.self_contrast_k)
         self.validate()
 
     def validate(self) -> None:
@@ -125,6 +131,10 @@ class VLAConfig:
             raise ValueError(f"normalization={self.normalization!r} is not one of ('mean_std', 'min_max')")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.self_contrast_beta < 0:
+            raise ValueError(f"self_contrast_beta must be >= 0, got {self.self_contrast_beta!r}")
+        if len(self.self_contrast_k) != 2 or not all(isinstance(k, int) and k >= 1 for k in self.self_contrast_k):
+            raise ValueError(f"self_contrast_k must be two expert counts (strong, weak), got {self.self_contrast_k!r}")
         if self.moe is not None:
             MoEConfig.from_dict(self.moe["config"])
 

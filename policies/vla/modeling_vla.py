@@ -502,6 +502,13 @@ class VLAPolicy(PretrainedPolicy):
         output = self.model.expert_cached(cache, repeat(prefix_valid), suffix)
         loss = flow_matching_loss(output, noise, actions, is_pad, t, c.prediction)
         logs = {"flow_loss": float(loss.detach())}
+        consistency = adamoe.consistency_coef(self)
+        if consistency > 0 and self.training:  # THOR: a second pass routes every token anew
+            second = self.model.expert_cached(cache, repeat(prefix_valid), suffix)
+            gap = (output - second).pow(2).mean()
+            loss = 0.5 * (loss + flow_matching_loss(second, noise, actions, is_pad, t, c.prediction))
+            loss = loss + consistency * gap
+            logs["consistency_loss"] = float(gap.detach())
         if self.model.scene_readout is not None:
             if "observation.environment_state" not in batch:
                 raise ValueError("scene_aux_dim > 0 needs 'observation.environment_state' in training batches")
@@ -540,11 +547,22 @@ class VLAPolicy(PretrainedPolicy):
         for i in range(steps):
             t = torch.full((b,), 1.0 + i * dt, device=self._device)
             suffix = self.model.action_expert.embed(state, x, t)
-            if use_cache:
-                output = self.model.expert_cached(cache, prefix_valid, suffix)
+
+            def run(suffix: torch.Tensor = suffix) -> torch.Tensor:
+                if use_cache:
+                    return self.model.expert_cached(cache, prefix_valid, suffix)
+                return self.model.expert_joint(prefix, prefix_valid, suffix)
+
+            if c.self_contrast_beta > 0 and c.moe is not None:  # SCMoE: strong minus weak routing
+                strong_k, weak_k = c.self_contrast_k
+                with adamoe.routing_top_k(self, strong_k):
+                    strong = velocity(run(), x, t, c.prediction)
+                with adamoe.routing_top_k(self, weak_k):
+                    weak = velocity(run(), x, t, c.prediction)
+                v = (1 + c.self_contrast_beta) * strong - c.self_contrast_beta * weak
             else:
-                output = self.model.expert_joint(prefix, prefix_valid, suffix)
-            x = x + dt * velocity(output, x, t, c.prediction)
+                v = velocity(run(), x, t, c.prediction)
+            x = x + dt * v
         actions = self.action_norm.unnormalize(x)
         if not torch.isfinite(actions).all():
             raise RuntimeError("the policy produced non-finite actions; check the checkpoint's statistics")

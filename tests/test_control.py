@@ -1,0 +1,257 @@
+"""The real-time control loop, on virtual time with fake policies of a set latency (and a
+short real-clock run): async hides latency, sync misses deadlines, merge rules, safety,
+telemetry and bounded memory."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import envs  # noqa: F401
+from policies.control import (
+    ActionPlan,
+    ControlConfig,
+    ControlLoop,
+    MujocoRobot,
+    RealClock,
+    SafetyFilter,
+    SimClock,
+)
+
+PERIOD = 0.02  # 50 Hz
+
+
+class FakeRobot:
+    """Records every command; observations carry the clock time."""
+
+    def __init__(self, clock, dim: int = 4) -> None:
+        self.clock = clock
+        self.action_space = gym.spaces.Box(-1.0, 1.0, (dim,), np.float32)
+        self.commands: list[np.ndarray] = []
+        self.done = False
+
+    def reset(self, seed=None):
+        self.commands.clear()
+        return self.observe()
+
+    def observe(self):
+        return {"time": np.array([self.clock.now()])}
+
+    def act(self, action):
+        self.commands.append(np.asarray(action).copy())
+
+    def render(self):
+        return None
+
+
+class FakePolicy:
+    """Takes ``latency`` seconds of (virtual) time; chunk ``c`` holds ``0.01 * c`` everywhere,
+    so a command tells which chunk it came from; raises on call ``fail_on`` if set."""
+
+    def __init__(self, clock, latency: float, horizon: int = 10, dim: int = 4, fail_on: int | None = None) -> None:
+        self.clock, self.latency, self.horizon, self.dim, self.fail_on = clock, latency, horizon, dim, fail_on
+        self.calls = 0
+
+    def __call__(self, obs):
+        self.calls += 1
+        if self.fail_on is not None and self.calls == self.fail_on:
+            raise RuntimeError("inference failed (injected)")
+        self.clock.sleep(self.latency)
+        return np.full((self.horizon, self.dim), 0.01 * self.calls, dtype=np.float32)
+
+
+def _run(latency_ticks: float, mode: str, ticks: int = 600, **config):
+    clock = SimClock()
+    robot = FakeRobot(clock)
+    policy = FakePolicy(clock, latency_ticks * PERIOD)
+    cfg = ControlConfig(rate_hz=1 / PERIOD, mode=mode, max_ticks=ticks, **config)
+    result = ControlLoop(robot, policy, cfg, clock).run()
+    return result, robot, policy
+
+
+@pytest.mark.parametrize("latency_ticks", [0.3, 2.5, 4.9])
+def test_async_hides_latency_shorter_than_the_executed_part_of_a_chunk(latency_ticks):
+    result, robot, _ = _run(latency_ticks, "async", threshold=5)  # chunks of 10: 5 executed while the next infers
+    s = result.summary
+    assert s["starved_ticks"] == 0 and s["deadline_misses"] == 0
+    assert s["ticks"] == 600 and len(robot.commands) == 600
+    assert s["chunks"] >= 600 // 10
+    assert s["inference_latency_ms"]["median"] == pytest.approx(1e3 * latency_ticks * PERIOD)
+    assert s["jitter_ms"]["max"] < 1e-6  # virtual time: every tick exactly on schedule
+
+
+def test_async_starves_only_when_latency_exceeds_what_is_planned_ahead():
+    result, _, _ = _run(7.5, "async", threshold=5)
+    assert result.summary["starved_ticks"] > 0
+    assert result.summary["deadline_misses"] == 0  # starving holds the last action; the tick is still on time
+    assert result.summary["dropped_actions"] > 0  # actions whose tick passed during inference
+
+
+def test_sync_mode_stalls_and_misses_deadlines_where_async_does_not():
+    sync, _, _ = _run(2.5, "sync", n_action_steps=5)
+    asyn, _, _ = _run(2.5, "async", threshold=5)
+    assert sync.summary["deadline_misses"] >= 2 * (sync.summary["chunks"] - 1)  # 2.5 ticks of stall per chunk
+    assert asyn.summary["deadline_misses"] == 0
+    assert sync.summary["jitter_ms"]["max"] > 0.2 * 1e3 * PERIOD
+
+
+def test_actions_whose_tick_passed_during_inference_are_dropped():
+    # Latency 3.2 ticks: a chunk computed from tick k arrives at tick k + 4, so its actions
+    # for ticks k .. k + 3 are dropped and the robot executes chunk[4] at tick k + 4.
+    result, robot, _ = _run(3.2, "async", ticks=200, threshold=6)
+    tel = result.telemetry
+    assert (tel.chunk_array("dropped")[1:] == 4).all()
+    assert np.nanmin(tel.tick_array("age")[10:]) >= 4  # after the first (primed) chunk
+
+
+def test_merge_rules_on_hand_made_chunks():
+    old, new = np.zeros((4, 2), np.float32), np.ones((4, 2), np.float32)
+    for rule, expected in (("latest", 1.0), ("average", 0.25)):
+        plan = ActionPlan(rule, average_weight=0.25)
+        plan.merge(old, start_tick=10, obs_tick=10, now_tick=10)
+        dropped = plan.merge(new, start_tick=12, obs_tick=12, now_tick=13)  # tick 12 already passed
+        assert dropped == 1
+        assert plan.pop(11)[0].tolist() == [0.0, 0.0]
+        action, obs_tick = plan.pop(13)
+        np.testing.assert_allclose(action, expected)
+        assert obs_tick == 12
+        assert plan.pop(15)[0].tolist() == [1.0, 1.0]  # beyond the old chunk: the new one alone
+        assert len(plan) == 0
+    plan = ActionPlan("temporal_ensemble", ensemble_m=0.5)
+    for i, value in enumerate((0.0, 1.0, 2.0)):
+        plan.merge(np.full((5, 1), value, np.float32), start_tick=i, obs_tick=i, now_tick=i)
+    w = np.exp(-0.5 * np.arange(3))  # ACT: the oldest prediction weighs most
+    np.testing.assert_allclose(plan.pop(2)[0], [(w * [0.0, 1.0, 2.0]).sum() / w.sum()], rtol=1e-6)
+    assert plan.depth(3) == 4  # ticks 3 .. 6
+    with pytest.raises(ValueError, match="merge rule 'newest'"):
+        ActionPlan("newest")
+
+
+def test_an_inference_exception_stops_the_robot_safely_and_is_reported():
+    clock = SimClock()
+    robot = FakeRobot(clock)
+    policy = FakePolicy(clock, 1.5 * PERIOD, fail_on=3)
+    cfg = ControlConfig(rate_hz=50, mode="async", max_ticks=500, threshold=5, stop_hold_ticks=4, motion_dims=(0, 1, 2))
+    result = ControlLoop(robot, policy, cfg, clock).run()
+    s = result.summary
+    assert s["safe_stop"] and "inference failed (injected)" in s["error"]
+    assert s["ticks"] < 500  # the loop ended
+    held, final = robot.commands[-5:-1], robot.commands[-1]
+    assert all(np.array_equal(c, held[0]) for c in held)  # held for stop_hold_ticks ticks
+    np.testing.assert_array_equal(final[:3], 0.0)  # then zero motion
+    assert final[3] == held[0][3]  # the gripper keeps its command (nothing is dropped)
+    sync = ControlLoop(
+        FakeRobot(clock), FakePolicy(clock, PERIOD / 2, fail_on=2), ControlConfig(mode="sync", max_ticks=500), clock
+    ).run()
+    assert sync.summary["safe_stop"] and sync.summary["ticks"] < 500
+
+
+def test_safety_clamps_to_the_action_space_and_the_largest_change_per_tick():
+    safety = SafetyFilter(np.full(3, -1.0), np.full(3, 1.0), max_delta=0.1)
+    out = safety(np.array([5.0, -0.05, np.nan]), previous=np.array([0.95, 0.0, 0.3]))
+    np.testing.assert_allclose(out, [1.0, -0.05, 0.3])
+    np.testing.assert_allclose(safety(np.array([-1.0, 0.5, 0.3]), np.zeros(3)), [-0.1, 0.1, 0.1])
+    with pytest.raises(ValueError, match="shape"):
+        safety(np.zeros(4), np.zeros(3))
+    with pytest.raises(ValueError, match="mode='fast'"):
+        ControlConfig(mode="fast").validate()
+    with pytest.raises(ValueError, match="rate_hz"):
+        ControlConfig(rate_hz=0.5).validate()
+
+
+def test_twenty_thousand_fast_forward_ticks_do_not_grow_memory():
+    clock = SimClock()
+    robot = FakeRobot(clock)
+    robot.act = lambda action: None  # keep no history in the fake robot itself
+    samples = {}
+
+    def probe(tick: int) -> None:
+        if tick in (2_000, 20_000):
+            samples[tick] = tracemalloc.get_traced_memory()[0]
+
+    tracemalloc.start()
+    try:
+        cfg = ControlConfig(rate_hz=50, mode="async", max_ticks=20_000, threshold=5, merge="temporal_ensemble")
+        result = ControlLoop(robot, FakePolicy(clock, 2.5 * PERIOD), cfg, clock).run(callback=probe)
+    finally:
+        tracemalloc.stop()
+    assert result.summary["ticks"] == 20_000 and result.summary["starved_ticks"] == 0
+    assert samples[20_000] - samples[2_000] < 64 * 1024, samples
+
+
+def test_summary_json_timeline_png_and_telemetry_are_written(tmp_path):
+    result, _, _ = _run(2.5, "async", ticks=300, threshold=5)
+    result.save(tmp_path, ControlConfig())
+    data = json.loads((tmp_path / "summary.json").read_text())
+    assert data["summary"]["ticks"] == 300 and "jitter_ms" in data["summary"]
+    assert (tmp_path / "timeline.png").stat().st_size > 10_000
+    arrays = np.load(tmp_path / "telemetry.npz")
+    assert len(arrays["tick_actual"]) == 300
+
+
+def test_the_mujoco_robot_keeps_moving_with_the_clock_while_the_policy_is_silent():
+    clock = SimClock()
+    robot = MujocoRobot(gym.make("adamoe/Tabletop-ReachRed-v0", cameras=()), clock)
+    assert robot.dt == pytest.approx(0.02)
+    robot.reset(seed=0)
+    start = robot.observe()["agent_pos"].copy()
+    robot.act(np.array([1.0, 0.0, 0.0, -1.0]))
+    clock.sleep(5 * robot.dt)  # five control steps pass without a new command
+    moved = robot.observe()["agent_pos"]
+    assert robot.steps == 5
+    assert moved[0] > start[0] + 0.01  # the held command kept the hand moving
+    robot.close()
+
+
+def test_a_real_clock_run_uses_a_background_worker_and_keeps_its_schedule():
+    import time
+
+    clock = RealClock()
+    robot = FakeRobot(clock)
+
+    def slow(obs):
+        time.sleep(0.01)
+        return np.zeros((10, 4), np.float32)
+
+    result = ControlLoop(robot, slow, ControlConfig(rate_hz=50, mode="async", max_ticks=40, threshold=5), clock).run()
+    s = result.summary
+    assert s["ticks"] + s["deadline_misses"] >= 40 and s["chunks"] >= 4
+    assert s["inference_latency_ms"]["median"] >= 10.0
+    scheduled = result.telemetry.tick_array("scheduled")
+    assert np.allclose(np.diff(scheduled) % 0.02, 0.0, atol=1e-9) or np.allclose(np.diff(scheduled), 0.02)
+
+
+def test_control_command_runs_a_checkpoint_in_real_time_and_reports(tmp_path):
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from policies import VLAPolicy, vla_config
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import control
+
+    torch.manual_seed(0)
+    policy = VLAPolicy(vla_config("tiny"))
+    policy.upcycle(init="paper")
+    policy.save_pretrained(tmp_path / "adamoe")
+    summary = control.main(
+        [
+            "--checkpoint",
+            str(tmp_path / "adamoe"),
+            "--task",
+            "ReachRed",
+            "--seconds",
+            "1",
+            "--output-dir",
+            str(tmp_path / "run"),
+        ]
+    )
+    assert summary["ticks"] + summary["deadline_misses"] == 50
+    assert summary["chunks"] >= 2 and "success" in summary
+    assert (tmp_path / "run" / "timeline.png").is_file() and (tmp_path / "run" / "summary.json").is_file()
