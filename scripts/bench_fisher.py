@@ -48,12 +48,8 @@ def _data(seed: int, length: int = 120, episodes: int = 8) -> OfflineData:
     return OfflineData(f"synthetic-{seed}", trajs, "")
 
 
-def run_mlp(repeats: int, quick: bool) -> list[dict]:
-    samples = 64 if quick else SAMPLES
-    model = _policy(0)
-    obs = torch.randn(samples, 17, generator=torch.Generator().manual_seed(0))
-    batches = list(obs.split(64))
-    mean = lambda m, b: m(b)
+def _vmap_vs_loop(model, batches, mean, repeats: int, label: str, case: str) -> tuple[list[dict], dict]:
+    """Both methods, interleaved; rows for their medians, the ratio and the difference."""
     timing: dict[str, list[float]] = {"vmap": [], "loop": []}
     values = {}
     for _ in range(repeats):  # interleaved
@@ -63,12 +59,8 @@ def run_mlp(repeats: int, quick: bool) -> list[dict]:
             timing[method].append(time.perf_counter() - start)
     diff = max(float((values["vmap"][n] - values["loop"][n]).abs().max()) for n in values["loop"])
     scale = max(float(v.abs().max()) for v in values["loop"].values())
-
-    case = (
-        f"exact Gaussian Fisher, MLP policy ({sum(p.numel() for p in model.parameters()):,} params), {samples} samples"
-    )
     ms = {k: 1e3 * float(np.median(v)) for k, v in timing.items()}
-    return [
+    rows = [
         {"benchmark": "fisher", "case": f"{case}: vmap", "metric": "median_ms", "value": ms["vmap"], "unit": "ms"},
         {
             "benchmark": "fisher",
@@ -79,19 +71,30 @@ def run_mlp(repeats: int, quick: bool) -> list[dict]:
         },
         {
             "benchmark": "fisher",
-            "case": "MLP policy: per-sample loop / vmap (target >= 10)",
+            "case": f"{label}: per-sample loop / vmap (target >= 10)",
             "metric": "ratio",
             "value": ms["loop"] / ms["vmap"],
             "unit": "x",
         },
         {
             "benchmark": "fisher",
-            "case": "MLP policy: vmap vs loop, max abs difference / max value",
+            "case": f"{label}: vmap vs loop, max abs difference / max value",
             "metric": "rel_diff",
             "value": diff / scale,
             "unit": "",
         },
     ]
+    return rows, values
+
+
+def run_mlp(repeats: int, quick: bool) -> list[dict]:
+    samples = 64 if quick else SAMPLES
+    model = _policy(0)
+    obs = torch.randn(samples, 17, generator=torch.Generator().manual_seed(0))
+    params = sum(p.numel() for p in model.parameters())
+    case = f"exact Gaussian Fisher, MLP policy ({params:,} params), {samples} samples"
+    rows, _ = _vmap_vs_loop(model, list(obs.split(64)), lambda m, b: m(b), repeats, "MLP policy", case)
+    return rows
 
 
 def run_dt(repeats: int, quick: bool) -> list[dict]:
@@ -107,15 +110,9 @@ def run_dt(repeats: int, quick: bool) -> list[dict]:
         out = m(b["states"], b["actions"], b["returns_to_go"], b["timesteps"], b["attention_mask"], task="a")
         return out.action_preds[:, -1]
 
-    timing: dict[str, list[float]] = {"vmap": [], "loop": []}
-    values = {}
-    for _ in range(repeats):  # interleaved
-        for method in timing:
-            start = time.perf_counter()
-            values[method] = fisher_diagonal(model, batches, mean, method=method, progress=False)
-            timing[method].append(time.perf_counter() - start)
-    diff = max(float((values["vmap"][n] - values["loop"][n]).abs().max()) for n in values["loop"])
-    scale = max(float(v.abs().max()) for v in values["loop"].values())
+    params = sum(p.numel() for p in model.parameters())
+    case = f"exact Gaussian Fisher, Decision Transformer ({params:,} params), {samples} windows"
+    rows, values = _vmap_vs_loop(model, batches, mean, repeats, "Decision Transformer", case)
 
     specialists = {t: specialist_from(model, t) for t in data}
     with torch.no_grad():
@@ -133,33 +130,6 @@ def run_dt(repeats: int, quick: bool) -> list[dict]:
             times.append(time.perf_counter() - start)
         merge_ms[method] = 1e3 * float(np.median(times))
 
-    params = sum(p.numel() for p in model.parameters())
-    case = f"exact Gaussian Fisher, Decision Transformer ({params:,} params), {samples} windows"
-    ms = {k: 1e3 * float(np.median(v)) for k, v in timing.items()}
-    rows = [
-        {"benchmark": "fisher", "case": f"{case}: vmap", "metric": "median_ms", "value": ms["vmap"], "unit": "ms"},
-        {
-            "benchmark": "fisher",
-            "case": f"{case}: per-sample loop",
-            "metric": "median_ms",
-            "value": ms["loop"],
-            "unit": "ms",
-        },
-        {
-            "benchmark": "fisher",
-            "case": "Decision Transformer: per-sample loop / vmap (target >= 10)",
-            "metric": "ratio",
-            "value": ms["loop"] / ms["vmap"],
-            "unit": "x",
-        },
-        {
-            "benchmark": "fisher",
-            "case": "Decision Transformer: vmap vs loop, max abs difference / max value",
-            "metric": "rel_diff",
-            "value": diff / scale,
-            "unit": "",
-        },
-    ]
     for method, value in merge_ms.items():
         rows.append(
             {
