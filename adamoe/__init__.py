@@ -6,6 +6,7 @@ Fisher information of a model, and merging of models (averages, Fisher-weighted,
 arithmetic, TIES).
 """
 
+from adamoe.attention import MixtureOfAttention, MoAConfig
 from adamoe.compression import CompressedExperts, compress_experts
 from adamoe.config import MoEConfig
 from adamoe.dispatch import BACKENDS, Routing, dispatch, select_backend
@@ -31,6 +32,8 @@ __all__ = [
     "FeedForward",
     "GroupedExperts",
     "MergePlan",
+    "MixtureOfAttention",
+    "MoAConfig",
     "MoEConfig",
     "MoEFeedForward",
     "Routing",

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+C = TypeVar("C", bound="JSONConfig")
 
 ROUTERS = ("adamoe", "topk", "topany", "thor", "smear", "soft")
 TOKEN_ROUTERS = ("adamoe", "topk", "topany", "thor")  # route each token; smear and soft mix per sequence
@@ -13,8 +15,24 @@ BACKENDS = ("auto", "grouped_mm", "batched_mm", "loop", "dense")
 INITS = ("paper", "preserve")
 
 
+class JSONConfig:
+    """A dataclass config that round-trips through a JSON dict (``config.json``); an
+    unknown field is an error that names it and the valid ones."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {unknown}; valid fields are {sorted(known)}")
+        return cls(**data)
+
+
 @dataclass
-class MoEConfig:
+class MoEConfig(JSONConfig):
     """A sparse MoE feed-forward layer, defaults as in AdaMoE (arXiv 2510.14300).
 
     The layer returns ``shared_coef * mean_j shared_j(x) + routed_coef * gate * y_routed``
@@ -142,14 +160,3 @@ class MoEConfig:
         if self.balance_loss == "none":
             return 0.0
         return self.balance_coef if step < self.balance_coef_steps else self.balance_coef_after
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MoEConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown MoEConfig fields {unknown}; valid fields are {sorted(known)}")
-        return cls(**data)

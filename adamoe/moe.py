@@ -89,6 +89,7 @@ class MoEFeedForward(nn.Module):
         self.register_buffer(
             "expert_weight_sum", torch.zeros(config.num_experts, dtype=torch.float64), persistent=False
         )
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.float64), persistent=False)
         self.record_stats = config.record_stats
         self.aux_losses: dict[str, torch.Tensor] = {}
         self.last_dropped_fraction = 0.0  # with a capacity factor: pairs dropped in the last forward
@@ -238,7 +239,7 @@ class MoEFeedForward(nn.Module):
         if self.training and cfg.aux_free_bias and not gating_dropped:
             self.router.update_selection_bias(route.indices)
         if self.record_stats:
-            self._record(indices, weights if keep is None else weights * keep)
+            self._record(indices, weights, keep)
         return out.reshape(x.shape)
 
     def _shared(self, tokens: torch.Tensor) -> torch.Tensor | None:
@@ -287,7 +288,12 @@ class MoEFeedForward(nn.Module):
         return out.reshape(x.shape)
 
     @torch.no_grad()
-    def _record(self, indices: torch.Tensor, weights: torch.Tensor) -> None:
+    def _record(self, indices: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor | None) -> None:
+        """Count the token-expert pairs that ran (``keep``: top-any's active experts, or the
+        pairs a capacity did not drop) and the weights they got."""
+        self.tokens_seen += indices.shape[0]
+        if keep is not None:
+            indices, weights = indices[keep], weights[keep]
         flat = indices.reshape(-1)
         self.expert_tokens += torch.bincount(flat, minlength=self.config.num_experts).to(self.expert_tokens)
         self.expert_weight_sum.index_add_(0, flat, weights.reshape(-1).to(self.expert_weight_sum))
@@ -295,6 +301,21 @@ class MoEFeedForward(nn.Module):
     def reset_stats(self) -> None:
         self.expert_tokens.zero_()
         self.expert_weight_sum.zero_()
+        self.tokens_seen.zero_()
+
+    def experts_per_token(self) -> float:
+        """How many routed experts' weights a token's output depends on: ``top_k`` for the
+        top-k routers (THOR's is 1), every expert for SMEAR and Soft MoE (their merged
+        expert and their slots mix all of them), and for top-any the mean number of active
+        experts over the routings recorded since the last reset (``record_routing``), or
+        every expert, its bound, when none were."""
+        cfg = self.config
+        if cfg.router in ("smear", "soft"):
+            return float(cfg.num_experts)
+        if cfg.router == "topany":
+            seen = float(self.tokens_seen)
+            return float(self.expert_tokens.sum()) / seen if seen > 0 else float(cfg.num_experts)
+        return float(cfg.top_k)
 
     def extra_repr(self) -> str:
         c = self.config

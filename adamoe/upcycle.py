@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from adamoe.attention import MixtureOfAttention
 from adamoe.config import INITS, MoEConfig
 from adamoe.experts import ffn_weights
 from adamoe.moe import MoEFeedForward
@@ -149,7 +150,7 @@ def upcycle(
                 hidden=weights.hidden,
                 dense_params=dense_params,
                 moe_params=_count(layer),
-                active_params=_count(layer) - _count(layer.experts) + layer_config.top_k * expert_params,
+                active_params=_count(layer) - _count(layer.experts) + round(layer.experts_per_token() * expert_params),
             )
         )
     return report
@@ -189,12 +190,16 @@ def moe_aux_loss(model: nn.Module, step: int = 0) -> tuple[torch.Tensor | None, 
 
 
 def router_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters of every router and scale adapter (AdaMoE trains them at 2x the base rate)."""
+    """The parameters of every router and scale adapter, attention experts' routers included
+    (AdaMoE trains them at 2x the base rate)."""
     params = []
     for layer in moe_layers(model).values():
         params.extend(layer.router.parameters())
         if layer.scale_adapter is not None:
             params.extend(layer.scale_adapter.parameters())
+    for module in model.modules():
+        if isinstance(module, MixtureOfAttention):
+            params.extend(module.router.parameters())
     return params
 
 

@@ -8,7 +8,10 @@ released code); a Python loop over experts with one-hot masks (Hugging Face's ea
 MoE); and the bare matmuls: what the batched_mm backend multiplies, on tokens grouped
 once beforehand, with no routing at all, which shows what the arithmetic alone costs.
 The other families of the literature (Switch with capacity, DynMoE top-any, THOR, SMEAR,
-Soft MoE, SCMoE's two routings) at the control shape, upcycled the same way.
+Soft MoE, SCMoE's two routings) at the control shape, upcycled the same way, and BAM's
+mixture of attention (4 soft attention experts of 8 heads, with their own or shared keys
+and values) against the dense attention layer it was upcycled from and against running
+the experts one by one.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import adamoe
 from adamoe import MoEConfig, MoEFeedForward
 
 DIM, HIDDEN, EXPERTS, TOP_K = 512, 2048, 4, 1
+HEADS, HEAD_DIM = 8, 64
 BACKENDS = ("auto", "grouped_mm", "batched_mm", "loop", "dense")
 
 
@@ -98,6 +102,34 @@ def _self_contrast(layer: MoEFeedForward, x: torch.Tensor) -> torch.Tensor:
     return 1.5 * strong - 0.5 * weak
 
 
+def _attention(projections, x: torch.Tensor) -> torch.Tensor:
+    """A dense multi-head self-attention layer from its q, k, v, o projections."""
+    q, k, v, o = projections
+    split = lambda y: y.view(x.shape[0], -1, HEADS, HEAD_DIM).transpose(1, 2)
+    out = F.scaled_dot_product_attention(split(q(x)), split(k(x)), split(v(x)))
+    return o(out.transpose(1, 2).reshape(x.shape))
+
+
+def attention_cases() -> dict[str, object]:
+    """Control-shape callables: dense attention, BAM's soft experts (fused), and the same
+    experts run one by one and mixed (the plain reference the fused path is tested against)."""
+    inner = HEADS * HEAD_DIM
+    dense = tuple(torch.nn.Linear(a, b, bias=False) for a, b in ((DIM, inner),) * 3 + ((inner, DIM),))
+    cases = {"dense attention (8 heads)": lambda x: _attention(dense, x)}
+    for share in (False, True):
+        moa = adamoe.MixtureOfAttention.from_dense(dense, HEADS, adamoe.MoAConfig(num_experts=EXPERTS, share_kv=share))
+        name = "BAM, 4 soft attention experts" + (", shared KV" if share else "")
+        cases[name] = moa
+    experts = [moa.expert_projections(e) for e in range(EXPERTS)]  # the last one, plainly
+
+    def one_by_one(x: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(moa.router(x), -1)
+        return sum(probs[..., e : e + 1] * _attention(experts[e], x) for e in range(EXPERTS))
+
+    cases["BAM, 4 soft attention experts, shared KV, one by one (reference)"] = one_by_one
+    return cases
+
+
 def _time(fn, iters: int) -> float:
     start = time.perf_counter()
     for _ in range(iters):
@@ -148,6 +180,8 @@ def run(repeats: int = 5, quick: bool = False) -> list[dict]:
             control_cases[f"family {name}"] = infer(lambda x, f=family: _self_contrast(f, x))
         else:
             control_cases[f"family {name}"] = infer(family)
+    for name, fn in attention_cases().items():
+        control_cases[name] = infer(fn)
     train_cases["all experts (released code)"] = fwd_bwd(lambda x: released_all_experts(ref, x), ref)
     train_cases["expert loop with masks (HF eager)"] = fwd_bwd(lambda x: eager_mask_loop(ref, x), ref)
 
@@ -186,6 +220,15 @@ def run(repeats: int = 5, quick: bool = False) -> list[dict]:
     ratio("control", ours, "bare matmuls (no routing)", "control: AdaMoE auto / bare matmuls (routing overhead)")
     ratio("control", "all experts (released code)", ours, "control: all experts / AdaMoE auto (target >= 2)")
     ratio("control", "expert loop with masks (HF eager)", ours, "control: HF eager / AdaMoE auto")
+    bam = "BAM, 4 soft attention experts"
+    ratio("control", bam, "dense attention (8 heads)", "control: BAM attention experts / dense attention")
+    ratio("control", f"{bam}, shared KV", "dense attention (8 heads)", "control: BAM shared KV / dense attention")
+    ratio(
+        "control",
+        f"{bam}, shared KV, one by one (reference)",
+        f"{bam}, shared KV",
+        "control: BAM one by one / fused",
+    )
     ratio("train", ours, "dense FFN", "train: AdaMoE auto / dense FFN (target <= 2.5)")
     ratio("train", "all experts (released code)", ours, "train: all experts / AdaMoE auto")
     return rows

@@ -60,8 +60,11 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "soft": {"router": "soft"},
     "scmoe": {"router": "topk", "top_k": 2, "renormalize": True},  # + self-contrast decoding
     "lowrank": {"router": "adamoe", "expert_structure": "lowrank", "structure_rank": 32, "self_guided_steps": 100},
+    "bam": {"router": "topk"},  # + soft attention experts with their own keys and values
+    "bam_kv": {"router": "topk"},  # + soft attention experts sharing keys and values
 }
 SELF_CONTRAST = {"scmoe": 0.5}  # beta of (1 + beta) * top-2 - beta * top-1 at inference
+ATTENTION_EXPERTS = {"bam": {"share_kv": False}, "bam_kv": {"share_kv": True}}  # MoAConfig fields
 KINDS = ("dense", *FAMILIES)
 DEMO_VARIANTS = ("dense", "vanilla", "adamoe")
 SPLITS = ("train", "heldout")
@@ -256,6 +259,9 @@ def upcycled(cfg: PipelineConfig, pretrained: Path, variant: str) -> VLAPolicy:
         generator = torch.Generator().manual_seed(cfg.seed)
         policy.upcycle(moe, init=init, generator=generator)
         policy.config.self_contrast_beta = SELF_CONTRAST.get(kind, 0.0)
+        if kind in ATTENTION_EXPERTS:
+            moa = adamoe.MoAConfig(num_experts=cfg.num_experts, **ATTENTION_EXPERTS[kind])
+            policy.upcycle_attention(moa, generator=generator)
     return policy
 
 
@@ -352,6 +358,17 @@ def expert_use(policy: VLAPolicy, data: ChunkDataset, frames: dict[str, np.ndarr
     return {"layers": layers, "tasks": list(per_task), "share": per_task, "mean_weight": weight}
 
 
+def measure_routing(policy: VLAPolicy, data: ChunkDataset, frames: dict[str, np.ndarray], per_task: int = 8) -> None:
+    """Leave every MoE layer's routing statistics over a few frames of every task recorded
+    (what ``experts_per_token`` and so ``parameter_counts`` read for top-any)."""
+    if not adamoe.moe_layers(policy) or not frames:
+        return
+    idx = np.concatenate([f[:per_task] for f in frames.values()])
+    with torch.inference_mode(), adamoe.record_routing(policy):
+        torch.manual_seed(0)
+        policy.predict_action_chunk(data.get(idx))
+
+
 def _layer_index(name: str) -> int:
     digits = [int(part) for part in name.split(".") if part.isdigit()]
     return digits[0] if digits else 0
@@ -387,6 +404,8 @@ def report(cfg: PipelineConfig, data: ChunkDataset, env_ids: list[str], began: f
     frames = task_frames(data, env_ids, per_task=64, seed=cfg.seed)
     one = data.get(next(iter(frames.values()))[:1]) if frames else data.get(np.array([0]))
     times = latency(policies, one, cfg.latency_calls)
+    for policy in policies.values():  # top-any's experts per token, for its active parameters
+        measure_routing(policy, data, frames)
     rows = []
     for name in names:
         policy = policies[name]

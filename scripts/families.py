@@ -3,20 +3,26 @@
 
     python scripts/families.py                      # every family, 200 fine-tuning steps each
     python scripts/families.py --variants dense adamoe soft --finetune-steps 100
+    python scripts/families.py --update-readme      # and put the table into README.md
 
 The same pretrained dense VLA (``outputs/demo/checkpoints/dense_pretrained`` when
 ``make demo`` has produced it, else pretrained here first, on ``outputs/demo/datasets``
 when present) is upcycled into each family and fine-tuned for the same steps on the same
 batches: dense, vanilla top-k, AdaMoE, Switch (top-1, capacity 1.25, token dropping),
 gating dropout, DynMoE top-any, THOR (random routing + consistency loss), SMEAR, Soft MoE,
-SCMoE (top-2 trained, self-contrast decoding) and AdaMoE with low-rank experts (rank 32,
-self-guided over the first 100 steps). Writes the main job's table (success
-per task, parameters, active parameters, ``predict_action_chunk`` latency) to
-``outputs/families/results.md``. Any option of ``scripts/demo.py`` may be added.
+SCMoE (top-2 trained, self-contrast decoding), AdaMoE with low-rank experts (rank 32,
+self-guided over the first 100 steps), and BAM (top-1 FFN experts plus soft attention
+experts, with their own keys and values or sharing them). Writes the main job's table
+(success per task, parameters, active parameters, ``predict_action_chunk`` latency) to
+``outputs/families/results.md``; ``--update-readme`` also writes it, with the command
+that produced it, between the README's ``families:start`` and ``families:end`` markers.
+Any option of ``scripts/demo.py`` may be added.
 """
 
 from __future__ import annotations
 
+import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -25,10 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import demo  # noqa: E402
 
 DEMO = Path("outputs/demo")
+README = Path(__file__).resolve().parents[1] / "README.md"
+START, END = "<!-- families:start -->", "<!-- families:end -->"
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def with_defaults(argv: list[str]) -> list[str]:
+    """The user's options over the families defaults (every family, outputs/families, the
+    demo's pretrained policy and datasets when they exist)."""
     defaults = ["--output-dir", "outputs/families", "--variants", *demo.KINDS]
     pretrained = DEMO / "checkpoints" / "dense_pretrained"
     if "--pretrained" not in argv and (pretrained / "model.safetensors").is_file():
@@ -37,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         defaults += ["--datasets-root", str(DEMO / "datasets")]
     given = {a for a in argv if a.startswith("--")}
     merged, i = [], 0
-    while i < len(defaults):  # the user's options win over these defaults
+    while i < len(defaults):
         flag = defaults[i]
         j = i + 1
         while j < len(defaults) and not defaults[j].startswith("--"):
@@ -45,7 +54,40 @@ def main(argv: list[str] | None = None) -> int:
         if flag not in given:
             merged += defaults[i:j]
         i = j
-    return demo.main(merged + argv)
+    return merged + argv
+
+
+def update_readme(output_dir: Path, command: str, readme: Path) -> None:
+    """Replace the README's block between the markers with this run's table and command."""
+    text = readme.read_text()
+    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
+        raise SystemExit(f"{readme} needs one {START!r} line followed by one {END!r} line")
+    results = json.loads((output_dir / "results.json").read_text())
+    m = results["machine"]
+    head = (
+        f"`{command}` ({results['wall_s'] / 60:.0f} min on {m['cores']} cores, {m['cpu']}, "
+        f"torch {m['torch']}; seed {results['config']['seed']}, "
+        f"{results['config']['eval_episodes']} episodes per task and phrasing split):"
+    )
+    block = f"{START}\n{head}\n\n{(output_dir / 'results.md').read_text().strip()}\n{END}"
+    before, rest = text.split(START, 1)
+    after = rest.split(END, 1)[1]
+    tmp = readme.with_name(f".{readme.name}.tmp")
+    tmp.write_text(before + block + after)
+    tmp.replace(readme)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    readme = "--update-readme" in argv
+    argv = [a for a in argv if a != "--update-readme"]
+    args = with_defaults(argv)
+    code = demo.main(args)
+    if readme:
+        output_dir = Path(demo.parse_args(args).output_dir)
+        update_readme(output_dir, shlex.join(["python", "scripts/families.py", *argv]), README)
+        print(f"wrote the table into {README}")
+    return code
 
 
 if __name__ == "__main__":

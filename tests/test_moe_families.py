@@ -119,6 +119,30 @@ def test_top_any_uses_every_expert_over_its_threshold_and_at_least_one():
     assert counts.min() >= 1 and counts.max() > 1  # top-any: a varying number of experts per token
 
 
+def test_routing_stats_count_only_the_pairs_that_ran_and_give_experts_per_token():
+    from adamoe import record_routing, routing_stats
+
+    layer = _layer(router="topany")
+    torch.nn.init.normal_(layer.router.gate.weight, std=1.0)
+    with torch.no_grad():
+        layer.router.threshold.copy_(torch.tensor([0.0, 0.3, -0.3, 5.0]))
+    x = torch.randn(30, 16)
+    assert layer.experts_per_token() == 4.0  # nothing recorded yet: the bound
+    with record_routing(layer):
+        layer.eval()(x)
+    keep = layer.router(x).keep
+    stats = routing_stats(torch.nn.ModuleDict({"moe": layer}))["moe"]
+    assert stats["tokens"].tolist() == keep.sum(0).tolist()  # inactive candidates are not counted
+    assert layer.experts_per_token() == pytest.approx(keep.sum().item() / 30)
+    assert 1.0 < layer.experts_per_token() < 4.0
+    switch = _layer(capacity_factor=0.5)
+    with record_routing(switch):
+        switch.eval()(x)
+    assert switch.expert_tokens.sum() == pytest.approx((1 - switch.last_dropped_fraction) * 30)
+    assert _layer(router="smear").experts_per_token() == _layer(router="soft").experts_per_token() == 4.0
+    assert _layer(top_k=2).experts_per_token() == 2.0
+
+
 def test_top_any_thresholds_learn_through_the_straight_through_gate():
     layer = _layer(router="topany").train()
     layer(torch.randn(20, 16)).pow(2).sum().backward()

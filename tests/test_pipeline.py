@@ -95,6 +95,38 @@ def test_a_second_run_reuses_every_finished_stage(demo, quick_run):
     assert time.perf_counter() - start < first
 
 
+def test_families_fine_tunes_each_family_and_writes_its_table_into_the_readme(quick_run, tmp_path, monkeypatch):
+    families = load_script("families")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- families:start -->\nold table\n<!-- families:end -->\noutro\n")
+    monkeypatch.setattr(families, "README", readme)
+    done, _, _ = quick_run
+    out = tmp_path / "families"
+    argv = ["--quick", "--output-dir", str(out), "--suite", *TASKS, "--datasets-root", str(done / "datasets")]
+    argv += ["--pretrained", str(done / "checkpoints" / "dense_pretrained"), "--variants", "topany", "bam_kv"]
+    assert families.main([*argv, "--update-readme"]) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- families:start -->\n`python scripts/families.py --quick --output-dir")
+    assert text.endswith("<!-- families:end -->\noutro\n") and "old table" not in text
+    assert "| topany | paper |" in text and "| bam_kv | paper |" in text and "| ReachRed |" in text
+    rows = {r["variant"]: r for r in json.loads((out / "results.json").read_text())["variants"]}
+    # Top-any: the measured experts per token (between 1 and all 4) set its active parameters.
+    policy = families.demo.upcycled(families.demo.parse_args(argv), done / "checkpoints" / "dense_pretrained", "topany")
+    per_expert = sum(p.numel() for p in policy.model.action_expert.layers[0].mlp.experts.parameters()) // 4
+    depth = policy.config.depth
+    assert rows["topany"]["params_total"] - 3 * depth * per_expert < rows["topany"]["params_active"]
+    assert rows["topany"]["params_active"] < rows["topany"]["params_total"]
+    # BAM: soft attention experts all run; one routed FFN expert of four.
+    bam = families.demo.from_pretrained(out / "checkpoints" / "bam_kv")
+    assert bam.config.attention_moe["config"]["share_kv"] is True
+    assert rows["bam_kv"]["params_active"] == rows["bam_kv"]["params_total"] - 3 * depth * per_expert
+    plain = tmp_path / "plain.md"
+    plain.write_text("a README without the markers\n")
+    with pytest.raises(SystemExit, match="needs one '<!-- families:start -->' line"):
+        families.update_readme(out, "python scripts/families.py", plain)
+    assert plain.read_text() == "a README without the markers\n"
+
+
 def test_variant_names_are_checked_against_the_known_kinds(demo):
     assert demo.parse_variant("adamoe", "paper") == ("adamoe", "paper")
     assert demo.parse_variant("vanilla-preserve", "paper") == ("vanilla", "preserve")

@@ -10,9 +10,10 @@ from safetensors.torch import load_file, save_file
 
 import adamoe
 import policies
-from adamoe import MoEConfig
+from adamoe import MoAConfig, MoEConfig
 from policies import VLAPolicy, vla_config
 from policies.tokenizer import encode
+from policies.vla import mix_specialists
 from policies.vla.modeling_vla import (
     attention_mask,
     block_ids,
@@ -224,6 +225,127 @@ def test_training_loss_includes_the_moe_balance_loss_when_upcycled():
     loss.backward()
     layer = policy.model.action_expert.layers[0].mlp
     assert layer.router.gate.weight.grad.abs().sum() > 0
+
+
+# -- soft attention experts (BAM) and mixing specialists -----------------------------
+
+
+@pytest.mark.parametrize("share_kv", [False, True])
+def test_upcycling_attention_keeps_the_dense_policys_actions(share_kv):
+    dense = make_policy()
+    moa = copy.deepcopy(dense)
+    report = moa.upcycle_attention(MoAConfig(num_experts=3, share_kv=share_kv, router_init_std=1.0))
+    assert report["layers"] == [f"model.action_expert.layers.{i}.attention_experts" for i in range(2)]
+    assert report["params_after"] > report["params_before"] == dense.parameter_counts()["total"]
+    batch = make_batch(dense)
+    noise = torch.randn(3, dense.config.chunk_size, 4)
+    torch.testing.assert_close(
+        moa.predict_action_chunk(batch, noise=noise), dense.predict_action_chunk(batch, noise=noise)
+    )
+    counts = moa.parameter_counts()
+    assert counts["active"] == counts["total"]  # soft routing: every attention expert runs
+
+
+def _bam_policy(share_kv=False):
+    policy = make_policy()
+    policy.upcycle(MoEConfig(num_experts=4, top_k=1, router_init_std=0.5), init="paper")
+    policy.upcycle_attention(MoAConfig(num_experts=3, share_kv=share_kv, router_init_std=0.5, expert_noise_std=0.2))
+    return policy
+
+
+@pytest.mark.parametrize("share_kv", [False, True])
+def test_attention_experts_give_the_same_actions_with_and_without_the_prefix_cache(share_kv):
+    policy = _bam_policy(share_kv)
+    batch = make_batch(policy)
+    noise = torch.randn(3, policy.config.chunk_size, 4, generator=torch.Generator().manual_seed(2))
+    cached = policy.predict_action_chunk(batch, noise=noise, use_cache=True)
+    uncached = policy.predict_action_chunk(batch, noise=noise, use_cache=False)
+    torch.testing.assert_close(cached, uncached, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_experts_train_with_their_routers_in_the_router_group(tmp_path):
+    policy = _bam_policy().train()
+    loss, _ = policy(make_batch(policy), step=0)
+    loss.backward()
+    moa = policy.model.action_expert.layers[1].attention_experts
+    assert moa.router.weight.grad.abs().sum() > 0 and moa.q_proj.weight.grad.abs().sum() > 0
+    assert any(p is moa.router.weight for p in adamoe.router_parameters(policy))
+    policy.eval().save_pretrained(tmp_path / "ckpt")
+    loaded = policies.from_pretrained(tmp_path / "ckpt")
+    assert loaded.config.attention_moe["config"]["num_experts"] == 3
+    batch = make_batch(policy)
+    noise = torch.randn(3, policy.config.chunk_size, 4)
+    torch.testing.assert_close(
+        loaded.predict_action_chunk(batch, noise=noise), policy.predict_action_chunk(batch, noise=noise)
+    )
+
+
+def _specialists(n=2):
+    base = make_policy()
+    out = []
+    for i in range(n):  # branch: copies of one policy, moved apart as fine-tuning would
+        policy = copy.deepcopy(base)
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(10 + i)
+            for p in policy.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        out.append(policy)
+    return out
+
+
+def test_mixing_specialists_makes_each_one_an_expert_and_averages_the_rest(tmp_path):
+    specialists = _specialists(3)
+    mixed = mix_specialists(specialists)
+    assert mixed.config.moe["init"] == "specialists" and mixed.config.attention_moe is not None
+    for e, spec in enumerate(specialists):
+        for depth, layer in enumerate(mixed.model.action_expert.layers):
+            dense = spec.model.action_expert.layers[depth]
+            q, k, v, o = layer.attention_experts.expert_projections(e)
+            torch.testing.assert_close(q.weight, dense.q_proj.weight)
+            torch.testing.assert_close(v.weight, dense.v_proj.weight)
+            torch.testing.assert_close(o.weight, dense.o_proj.weight)
+            expert_in = layer.mlp.experts.w_in[e]
+            torch.testing.assert_close(expert_in, adamoe.ffn_weights(dense.mlp).w_in)
+    mean = lambda get: torch.stack([get(s) for s in specialists]).mean(0)
+    torch.testing.assert_close(
+        mixed.model.prefix_layers[0].q_proj.weight, mean(lambda s: s.model.prefix_layers[0].q_proj.weight)
+    )
+    torch.testing.assert_close(
+        mixed.model.action_expert.layers[0].input_norm.weight,
+        mean(lambda s: s.model.action_expert.layers[0].input_norm.weight),
+    )
+    mixed.save_pretrained(tmp_path / "mixed")
+    loaded = policies.from_pretrained(tmp_path / "mixed")
+    batch = make_batch(mixed)
+    noise = torch.randn(3, mixed.config.chunk_size, 4)
+    torch.testing.assert_close(
+        loaded.predict_action_chunk(batch, noise=noise), mixed.predict_action_chunk(batch, noise=noise)
+    )
+
+
+def test_mixing_copies_of_one_policy_attention_only_changes_nothing():
+    policy = make_policy()
+    mixed = mix_specialists([policy, copy.deepcopy(policy)], mix_ffn=False)
+    assert mixed.config.moe is None
+    batch = make_batch(policy)
+    noise = torch.randn(3, policy.config.chunk_size, 4)
+    torch.testing.assert_close(
+        mixed.predict_action_chunk(batch, noise=noise), policy.predict_action_chunk(batch, noise=noise)
+    )
+
+
+def test_mixing_rejects_mismatched_or_upcycled_specialists():
+    a, b = _specialists(2)
+    other = make_policy(depth=3)
+    with pytest.raises(ValueError, match=r"specialist 1 differs from specialist 0 in \['depth'\]"):
+        mix_specialists([a, other])
+    b.upcycle(MoEConfig(num_experts=2))
+    with pytest.raises(ValueError, match="specialist 1 is already upcycled"):
+        mix_specialists([a, b])
+    with pytest.raises(ValueError, match="moe_config.num_experts=4 but there are 2 specialists"):
+        mix_specialists([a, copy.deepcopy(a)], moe_config=MoEConfig(num_experts=4))
+    with pytest.raises(ValueError, match="at least 2 specialists"):
+        mix_specialists([a])
 
 
 # -- checkpoints ----------------------------------------------------------------------

@@ -7,10 +7,11 @@ K = 20, 3 layers, 128 wide, 1 head, dropout 0.1, ReLU MLPs, tanh actions.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from adamoe.config import JSONConfig
 
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_tanh", "silu")
 TASK_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -46,7 +47,7 @@ class DTTask:
 
 
 @dataclass
-class DecisionTransformerConfig:
+class DecisionTransformerConfig(JSONConfig):
     """Every hyper-parameter of :class:`policies.DecisionTransformer`; ``type`` tags checkpoints.
 
     The body's fields keep the names of Hugging Face's ``DecisionTransformerConfig``
@@ -116,17 +117,6 @@ class DecisionTransformerConfig:
                 raise ValueError(f"{attr} must be in [0, 1), got {getattr(self, attr)!r}")
         if self.type != "decision_transformer":
             raise ValueError(f"type={self.type!r}: a DecisionTransformerConfig is tagged 'decision_transformer'")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DecisionTransformerConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown DecisionTransformerConfig fields {unknown}; valid fields are {sorted(known)}")
-        return cls(**data)
 
     @classmethod
     def from_hf(cls, hf_config: Any, task: str = "task", **overrides: Any) -> DecisionTransformerConfig:

@@ -1,6 +1,7 @@
-"""The pi0-style vision-language-action policy: configuration and model."""
+"""The pi0-style vision-language-action policy: configuration, model, and mixing specialists."""
 
 from policies.vla.configuration_vla import PRESETS, VLAConfig, parse_overrides, vla_config
+from policies.vla.mixing import mix_specialists
 from policies.vla.modeling_vla import VLAModel, VLAPolicy
 
-__all__ = ["PRESETS", "VLAConfig", "VLAModel", "VLAPolicy", "parse_overrides", "vla_config"]
+__all__ = ["PRESETS", "VLAConfig", "VLAModel", "VLAPolicy", "mix_specialists", "parse_overrides", "vla_config"]

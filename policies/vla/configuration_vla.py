@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import ast
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from adamoe import MoEConfig
+from adamoe import MoAConfig, MoEConfig
+from adamoe.config import JSONConfig
 
 
 @dataclass
-class VLAConfig:
+class VLAConfig(JSONConfig):
     """Every hyper-parameter of :class:`policies.VLAPolicy`; ``config.json`` is this, as a dict.
 
     The prefix transformer (vision + language) and the action expert have the same depth
@@ -76,6 +76,9 @@ class VLAConfig:
     # Set by ``VLAPolicy.upcycle``: the action expert's FFNs are MoE layers with this
     # effective per-layer config (None for a dense policy).
     moe: dict[str, Any] | None = None
+    # Set by ``VLAPolicy.upcycle_attention``: the action expert's attention layers are soft
+    # attention experts (BAM) with this config (None: dense attention).
+    attention_moe: dict[str, Any] | None = None
     preset: str = field(default="small")
 
     def __post_init__(self) -> None:
@@ -137,21 +140,12 @@ class VLAConfig:
             raise ValueError(f"self_contrast_k must be two expert counts (strong, weak), got {self.self_contrast_k!r}")
         if self.moe is not None:
             MoEConfig.from_dict(self.moe["config"])
+        if self.attention_moe is not None:
+            MoAConfig.from_dict(self.attention_moe["config"])
 
     @property
     def tokens_per_image(self) -> int:
         return (self.image_size // self.patch) ** 2 + self.keypoints
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> VLAConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown VLAConfig fields {unknown}; valid fields are {sorted(known)}")
-        return cls(**data)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -32,7 +32,7 @@ from einops import rearrange
 from torch import nn
 
 import adamoe
-from adamoe import MoEConfig
+from adamoe import MoAConfig, MoEConfig
 from policies.normalize import Normalizer
 from policies.pretrained import PretrainedPolicy, register_policy
 from policies.tokenizer import PAD_ID, encode
@@ -188,7 +188,9 @@ class Layer(nn.Module):
     """One stream's weights at one depth: pre-norm attention projections and a pre-norm MLP.
 
     ``kv_only``: the prefix's last layer, whose keys and values the action expert reads
-    but whose own outputs nobody does.
+    but whose own outputs nobody does. ``upcycle_attention`` replaces the four attention
+    projections with soft attention experts (BAM); ``qkv``, ``attend`` and ``finish``
+    then run those.
     """
 
     def __init__(
@@ -206,15 +208,41 @@ class Layer(nn.Module):
             self.post_norm = nn.RMSNorm(width, eps=1e-6)
             self.mlp = GatedMLP(width, int(round(mlp_ratio * width)))
             self.dropout = nn.Dropout(dropout)
+        self.attention_experts: adamoe.MixtureOfAttention | None = None
+
+    def upcycle_attention(self, experts: adamoe.MixtureOfAttention) -> None:
+        """Replace q, k, v and o by ``experts`` (built from them or from specialists')."""
+        if self.kv_only:
+            raise ValueError("the prefix's last layer has no queries or outputs to upcycle")
+        del self.q_proj, self.k_proj, self.v_proj, self.o_proj
+        self.attention_experts = experts
+
+    def projections(self) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
+        return self.q_proj, self.k_proj, self.v_proj, self.o_proj
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         h = self.input_norm(x)
+        if self.attention_experts is not None:
+            return self.attention_experts.project(h)
         split = lambda y: rearrange(y, "b t (h d) -> b h t d", h=self.heads)
         q = None if self.kv_only else split(self.q_proj(h))
         return q, split(self.k_proj(h)), split(self.v_proj(h))
 
+    def external_kv(self, kv: torch.Tensor) -> torch.Tensor:
+        """Another stream's keys or values ``(B, heads, S, d)`` in this layer's key-head layout."""
+        return kv if self.attention_experts is None else self.attention_experts.expand_kv(kv)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.attention_experts is not None:
+            return self.attention_experts.attend(q, k, v, mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
     def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.o_proj(rearrange(attended, "b h t d -> b t (h d)")))
+        if self.attention_experts is not None:  # the router reads the attention's input
+            out = self.attention_experts.mix(attended, self.input_norm(x))
+        else:
+            out = self.o_proj(rearrange(attended, "b h t d -> b t (h d)"))
+        x = x + self.dropout(out)
         return x + self.dropout(self.mlp(self.post_norm(x)))
 
 
@@ -313,8 +341,9 @@ class VLAModel(nn.Module):
         x = suffix
         for layer, (k_prefix, v_prefix) in zip(self.action_expert.layers, cache, strict=True):
             q, k, v = layer.qkv(x)
-            k, v = torch.cat([k_prefix, k], dim=2), torch.cat([v_prefix, v], dim=2)
-            x = layer.finish(x, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+            k = torch.cat([layer.external_kv(k_prefix), k], dim=2)
+            v = torch.cat([layer.external_kv(v_prefix), v], dim=2)
+            x = layer.finish(x, layer.attend(q, k, v, mask))
         return self.action_expert.head(x)
 
     def expert_joint(self, prefix: torch.Tensor, prefix_valid: torch.Tensor, suffix: torch.Tensor) -> torch.Tensor:
@@ -327,6 +356,14 @@ class VLAModel(nn.Module):
         for p_layer, e_layer in zip(self.prefix_layers, self.action_expert.layers, strict=True):
             q_p, k_p, v_p = p_layer.qkv(x_p)
             q_e, k_e, v_e = e_layer.qkv(x_e)
+            if e_layer.attention_experts is not None:  # the streams' heads differ: attend apart
+                if not p_layer.kv_only:  # the prefix sees only the prefix
+                    pp = mask[:, :, :num_prefix, :num_prefix]
+                    x_p = p_layer.finish(x_p, F.scaled_dot_product_attention(q_p, k_p, v_p, attn_mask=pp))
+                k = torch.cat([e_layer.external_kv(k_p), k_e], dim=2)
+                v = torch.cat([e_layer.external_kv(v_p), v_e], dim=2)
+                x_e = e_layer.finish(x_e, e_layer.attend(q_e, k, v, mask[:, :, num_prefix:]))
+                continue
             k, v = torch.cat([k_p, k_e], dim=2), torch.cat([v_p, v_e], dim=2)
             if p_layer.kv_only:  # nobody reads the prefix's last outputs
                 out_e = F.scaled_dot_product_attention(q_e, k, v, attn_mask=mask[:, :, num_prefix:])
@@ -374,6 +411,11 @@ class VLAPolicy(PretrainedPolicy):
             adamoe.upcycle(
                 self.model.action_expert, MoEConfig.from_dict(config.moe["config"]), EXPERT_FFN_PATTERN, "paper"
             )
+        if config.attention_moe is not None:
+            moa = MoAConfig.from_dict(config.attention_moe["config"])
+            shape = (config.expert_width, config.num_heads, config.head_dim)
+            for layer in self.model.action_expert.layers:
+                layer.upcycle_attention(adamoe.MixtureOfAttention(moa, *shape))
         self._queue: deque[np.ndarray] = deque()
 
     # -- set-up -------------------------------------------------------------------
@@ -399,14 +441,34 @@ class VLAPolicy(PretrainedPolicy):
         }
         return report
 
+    def upcycle_attention(
+        self, config: MoAConfig | None = None, generator: torch.Generator | None = None
+    ) -> dict[str, Any]:
+        """Turn the action expert's attention layers into soft attention experts (BAM), in
+        place: every expert a copy of the layer, so with ``expert_noise_std=0`` the policy
+        computes exactly what it did. Returns what ``config.attention_moe`` now records."""
+        if self.config.attention_moe is not None:
+            raise ValueError("this policy's attention is already upcycled")
+        config = MoAConfig() if config is None else config
+        before = sum(p.numel() for p in self.parameters())
+        for layer in self.model.action_expert.layers:
+            moa = adamoe.MixtureOfAttention.from_dense(layer.projections(), self.config.num_heads, config, generator)
+            layer.upcycle_attention(moa)
+        names = [f"model.action_expert.layers.{i}.attention_experts" for i in range(self.config.depth)]
+        self.config.attention_moe = {"config": config.to_dict(), "layers": names}
+        after = sum(p.numel() for p in self.parameters())
+        return {**self.config.attention_moe, "params_before": before, "params_after": after}
+
     def parameter_counts(self) -> dict[str, int]:
-        """Total parameters, and those active for one token (routed experts count top_k of E)."""
+        """Total parameters, and those a token's output depends on: a routed MoE layer counts
+        ``experts_per_token`` of its E experts (``MoEFeedForward.experts_per_token``), soft
+        attention experts count all of theirs."""
         total = sum(p.numel() for p in self.parameters())
-        inactive = 0
+        inactive = 0.0
         for layer in adamoe.moe_layers(self).values():
-            per_expert = sum(p.numel() for p in layer.experts.parameters()) // layer.config.num_experts
-            inactive += (layer.config.num_experts - layer.config.top_k) * per_expert
-        return {"total": total, "active": total - inactive}
+            per_expert = sum(p.numel() for p in layer.experts.parameters()) / layer.config.num_experts
+            inactive += (layer.config.num_experts - layer.experts_per_token()) * per_expert
+        return {"total": total, "active": total - round(inactive)}
 
     # -- inputs -------------------------------------------------------------------
 
