@@ -18,6 +18,7 @@ from adamoe.routers import TopKRouter, balance_loss, router_z_loss
 from adamoe.routing_stats import record_routing, reset_routing_stats, routing_stats
 from adamoe.upcycle import (
     UpcycleReport,
+    active_parameters,
     consistency_coef,
     moe_aux_loss,
     moe_layers,
@@ -39,6 +40,7 @@ __all__ = [
     "Routing",
     "TopKRouter",
     "UpcycleReport",
+    "active_parameters",
     "balance_loss",
     "compress_experts",
     "consistency_coef",

@@ -140,6 +140,11 @@ class MoEFeedForward(nn.Module):
         them) are used as given."""
         if len(ffns) != config.num_experts:
             raise ValueError(f"got {len(ffns)} FFNs for num_experts={config.num_experts}; give one FFN per expert")
+        if config.expert_structure != "dense" or config.self_guided_steps:
+            raise ValueError(
+                f"from_experts copies each FFN into a dense expert: expert_structure={config.expert_structure!r} "
+                f"and self_guided_steps={config.self_guided_steps} are for upcycling one FFN (from_dense)"
+            )
         weights = [ffn_weights(f) for f in ffns]
         first = weights[0]
         for i, w in enumerate(weights[1:], start=1):
@@ -316,6 +321,15 @@ class MoEFeedForward(nn.Module):
             seen = float(self.tokens_seen)
             return float(self.expert_tokens.sum()) / seen if seen > 0 else float(cfg.num_experts)
         return float(cfg.top_k)
+
+    def inactive_parameters(self) -> float:
+        """Parameters of this layer a token's output does not depend on: the routed experts
+        beyond ``experts_per_token``, and the self-guided dense FFN once blended out."""
+        per_expert = sum(p.numel() for p in self.experts.parameters()) / self.config.num_experts
+        unused = (self.config.num_experts - self.experts_per_token()) * per_expert
+        if self.guide is not None and self.guide_alpha() <= 0.0:
+            unused += sum(p.numel() for p in self.guide.parameters())
+        return unused
 
     def extra_repr(self) -> str:
         c = self.config

@@ -140,7 +140,6 @@ def upcycle(
         dense_params = _count(dense)
         layer = MoEFeedForward.from_dense(dense, dataclasses.replace(layer_config), generator)
         setattr(parent, child, layer)
-        expert_params = _count(layer.experts) // layer_config.num_experts
         report.layers.append(
             ReplacedLayer(
                 name=name,
@@ -150,7 +149,7 @@ def upcycle(
                 hidden=weights.hidden,
                 dense_params=dense_params,
                 moe_params=_count(layer),
-                active_params=_count(layer) - _count(layer.experts) + round(layer.experts_per_token() * expert_params),
+                active_params=_count(layer) - round(layer.inactive_parameters()),
             )
         )
     return report
@@ -158,6 +157,13 @@ def upcycle(
 
 def moe_layers(model: nn.Module) -> dict[str, MoEFeedForward]:
     return {name: m for name, m in model.named_modules() if isinstance(m, MoEFeedForward)}
+
+
+def active_parameters(model: nn.Module) -> int:
+    """The parameters of ``model`` one token's output depends on: every parameter but each
+    MoE layer's ``inactive_parameters`` (unchosen routed experts, a blended-out guide)."""
+    total = sum(p.numel() for p in model.parameters())
+    return total - round(sum(layer.inactive_parameters() for layer in moe_layers(model).values()))
 
 
 def moe_aux_loss(model: nn.Module, step: int = 0) -> tuple[torch.Tensor | None, dict[str, float]]:

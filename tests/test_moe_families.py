@@ -360,6 +360,9 @@ def test_self_guided_training_blends_the_dense_ffn_out_on_schedule():
         dense, MoEConfig(expert_structure="lowrank", structure_rank=2, self_guided_steps=4)
     ).train()
     x = torch.randn(6, 16)
+    guide_params = sum(p.numel() for p in layer.guide.parameters())
+    routed = sum(p.numel() for p in layer.experts.parameters()) * 3 / 4  # top-1 of 4
+    assert layer.inactive_parameters() == pytest.approx(routed)  # the guide still shapes the output
     torch.testing.assert_close(layer(x), dense(x))  # step 0: alpha = 1, the dense path alone
     layer(x)  # step 1
     alpha = layer.guide_alpha()
@@ -369,5 +372,6 @@ def test_self_guided_training_blends_the_dense_ffn_out_on_schedule():
     layer(x)
     assert layer.guide_alpha() == 0.0
     torch.testing.assert_close(layer(x), layer._forward_moe(x))  # guided out: the structured MoE alone
+    assert layer.inactive_parameters() == pytest.approx(routed + guide_params)
     state = layer.state_dict()
     assert int(state["guide_step"]) == 5 and "experts.w_in_u" in state and "experts.w_in" not in state

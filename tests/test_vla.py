@@ -346,6 +346,20 @@ def test_mixing_rejects_mismatched_or_upcycled_specialists():
         mix_specialists([a, copy.deepcopy(a)], moe_config=MoEConfig(num_experts=4))
     with pytest.raises(ValueError, match="at least 2 specialists"):
         mix_specialists([a])
+    with pytest.raises(ValueError, match="specialist 1 is a str, not a VLAPolicy"):
+        mix_specialists([a, "b"])
+    with pytest.raises(ValueError, match="self_guided_steps=10 are for upcycling one FFN"):
+        mix_specialists([a, copy.deepcopy(a)], moe_config=MoEConfig(num_experts=2, self_guided_steps=10))
+    restated = copy.deepcopy(a)
+    restated.action_norm.std.mul_(2)
+    with pytest.raises(ValueError, match=r"specialist 1's normalisation statistics \(action_norm\) differ"):
+        mix_specialists([a, restated])
+    layer = a.model.action_expert.layers[0]
+    wrong = adamoe.MixtureOfAttention(MoAConfig(num_experts=2), layer.q_proj.in_features, 4, 4)
+    with pytest.raises(
+        ValueError, match=r"\(dim, heads, head_dim\) = \(32, 4, 4\) do not fit this layer's \(32, 2, 8\)"
+    ):
+        layer.upcycle_attention(wrong)
 
 
 # -- checkpoints ----------------------------------------------------------------------

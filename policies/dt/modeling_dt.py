@@ -381,12 +381,6 @@ class DecisionTransformer(PretrainedPolicy):
         return loss, logs
 
     def num_parameters(self, active: bool = False) -> int:
-        """Parameters in all (``active=False``) or per token (``active=True``: routed experts
-        counted ``top_k`` times of ``num_experts``)."""
-        total = sum(p.numel() for p in self.parameters())
-        if not active:
-            return total
-        for layer in adamoe.moe_layers(self).values():
-            per_expert = sum(p.numel() for p in layer.experts.parameters()) // layer.config.num_experts
-            total -= per_expert * (layer.config.num_experts - layer.config.top_k)
-        return total
+        """Parameters in all (``active=False``) or those one token's output depends on
+        (``active=True``, see ``adamoe.active_parameters``)."""
+        return adamoe.active_parameters(self) if active else sum(p.numel() for p in self.parameters())

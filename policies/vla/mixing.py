@@ -5,8 +5,9 @@ Branch: copies of one pretrained dense policy are fine-tuned on different tasks 
 specialists). Mix: at every depth of the action expert, specialist ``e``'s FFN becomes
 routed expert ``e`` of an MoE layer (Branch-Train-MiX) and its attention becomes
 attention expert ``e`` of a soft mixture of attention (BAM); every other parameter
-(the prefix, the embeddings, the norms, the normalisation statistics) is the
-specialists' average. The routers start small and random; fine-tune the mixture next.
+(the prefix, the embeddings, the norms) is the specialists' average. The normalisation
+statistics must be equal: each expert expects the inputs it was trained on. The routers
+start small and random; fine-tune the mixture next.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 import adamoe
 from adamoe import MoAConfig, MoEConfig
+from policies.normalize import Normalizer
 from policies.vla.modeling_vla import VLAPolicy
 
 
@@ -44,10 +46,11 @@ def mix_specialists(
     n = len(specialists)
     if n < 2:
         raise ValueError(f"mixing needs at least 2 specialists, got {n}")
-    reference = _template(specialists[0].config)
     for i, policy in enumerate(specialists):
         if not isinstance(policy, VLAPolicy):
             raise ValueError(f"specialist {i} is a {type(policy).__name__}, not a VLAPolicy")
+    reference = _template(specialists[0].config)
+    for i, policy in enumerate(specialists):
         if policy.config.moe is not None or policy.config.attention_moe is not None:
             raise ValueError(f"specialist {i} is already upcycled; specialists must be dense policies")
         differing = sorted(k for k, v in _template(policy.config).items() if reference.get(k) != v)
@@ -55,6 +58,15 @@ def mix_specialists(
             raise ValueError(
                 f"specialist {i} differs from specialist 0 in {differing}: specialists must share one architecture"
             )
+        first = dict(specialists[0].named_modules())
+        for name, module in policy.named_modules():  # each expert expects the inputs it was trained on
+            if isinstance(module, Normalizer) and not all(
+                torch.equal(a, b) for a, b in zip(module.buffers(), first[name].buffers(), strict=True)
+            ):
+                raise ValueError(
+                    f"specialist {i}'s normalisation statistics ({name}) differ from specialist 0's: branch the "
+                    "specialists from one policy and keep its statistics"
+                )
     if moe_config is None:
         moe_config = MoEConfig(
             num_experts=n, top_k=min(2, n), num_shared_experts=0, router="topk", renormalize=True, routed_coef=1.0
@@ -79,7 +91,6 @@ def mix_specialists(
                 [stack[depth].projections() for stack in layers], mixed.config.num_heads, attention_config, generator
             )
             layer.upcycle_attention(experts)
-    mixed.config = copy.deepcopy(mixed.config)
     if mix_ffn:
         names = [f"model.action_expert.layers.{i}.mlp" for i in range(mixed.config.depth)]
         mixed.config.moe = {"config": moe_config.to_dict(), "init": "specialists", "layers": names}

@@ -214,6 +214,15 @@ class Layer(nn.Module):
         """Replace q, k, v and o by ``experts`` (built from them or from specialists')."""
         if self.kv_only:
             raise ValueError("the prefix's last layer has no queries or outputs to upcycle")
+        if self.attention_experts is not None:
+            raise ValueError("this layer's attention is already upcycled")
+        width, inner = self.q_proj.in_features, self.q_proj.out_features
+        got = (experts.dim, experts.heads, experts.head_dim)
+        if got != (width, self.heads, inner // self.heads):
+            raise ValueError(
+                f"attention experts of (dim, heads, head_dim) = {got} do not fit this layer's "
+                f"{(width, self.heads, inner // self.heads)}"
+            )
         del self.q_proj, self.k_proj, self.v_proj, self.o_proj
         self.attention_experts = experts
 
@@ -317,12 +326,13 @@ class VLAModel(nn.Module):
         return tokens, valid
 
     def prefix_cache(self, tokens: torch.Tensor, valid: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Run the prefix once; its keys and values at every layer (what the action expert reads)."""
+        """Run the prefix once; its keys and values at every layer, in the key-head layout of
+        the action-expert layer that reads them (expanded here once per chunk, not per step)."""
         mask = valid[:, None, None, :]
         cache, x = [], tokens
-        for layer in self.prefix_layers:
+        for layer, reader in zip(self.prefix_layers, self.action_expert.layers, strict=True):
             q, k, v = layer.qkv(x)
-            cache.append((k, v))
+            cache.append((reader.external_kv(k), reader.external_kv(v)))
             if not layer.kv_only:
                 x = layer.finish(x, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
         return cache
@@ -341,8 +351,7 @@ class VLAModel(nn.Module):
         x = suffix
         for layer, (k_prefix, v_prefix) in zip(self.action_expert.layers, cache, strict=True):
             q, k, v = layer.qkv(x)
-            k = torch.cat([layer.external_kv(k_prefix), k], dim=2)
-            v = torch.cat([layer.external_kv(v_prefix), v], dim=2)
+            k, v = torch.cat([k_prefix, k], dim=2), torch.cat([v_prefix, v], dim=2)
             x = layer.finish(x, layer.attend(q, k, v, mask))
         return self.action_expert.head(x)
 
@@ -460,15 +469,10 @@ class VLAPolicy(PretrainedPolicy):
         return {**self.config.attention_moe, "params_before": before, "params_after": after}
 
     def parameter_counts(self) -> dict[str, int]:
-        """Total parameters, and those a token's output depends on: a routed MoE layer counts
-        ``experts_per_token`` of its E experts (``MoEFeedForward.experts_per_token``), soft
-        attention experts count all of theirs."""
-        total = sum(p.numel() for p in self.parameters())
-        inactive = 0.0
-        for layer in adamoe.moe_layers(self).values():
-            per_expert = sum(p.numel() for p in layer.experts.parameters()) / layer.config.num_experts
-            inactive += (layer.config.num_experts - layer.experts_per_token()) * per_expert
-        return {"total": total, "active": total - round(inactive)}
+        """Total parameters, and those one token's output depends on
+        (``adamoe.active_parameters``: a routed MoE layer counts ``experts_per_token`` of its
+        experts; soft attention experts all run, so all count)."""
+        return {"total": sum(p.numel() for p in self.parameters()), "active": adamoe.active_parameters(self)}
 
     # -- inputs -------------------------------------------------------------------
 
