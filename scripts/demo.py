@@ -358,6 +358,20 @@ def expert_use(policy: VLAPolicy, data: ChunkDataset, frames: dict[str, np.ndarr
     return {"layers": layers, "tasks": list(per_task), "share": per_task, "mean_weight": weight}
 
 
+def demo_flow_loss(policy: VLAPolicy, data: ChunkDataset, frames: dict[str, np.ndarray], seed: int) -> float:
+    """The flow-matching loss on the sampled demonstration frames of every task, with the
+    same flow times and noise for every policy (a paired, low-noise measure of how well a
+    policy fits the demonstrations; they are training data, so not of generalisation)."""
+    idx = np.concatenate(list(frames.values()))
+    losses = []
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        for start in range(0, len(idx), 128):
+            _, logs = policy(data.get(idx[start : start + 128]))
+            losses.append(logs["flow_loss"] * len(idx[start : start + 128]))
+    return float(sum(losses) / len(idx))
+
+
 def measure_routing(policy: VLAPolicy, data: ChunkDataset, frames: dict[str, np.ndarray], per_task: int = 8) -> None:
     """Leave every MoE layer's routing statistics over a few frames of every task recorded
     (what ``experts_per_token`` and so ``parameter_counts`` read for top-any)."""
@@ -416,6 +430,7 @@ def report(cfg: PipelineConfig, data: ChunkDataset, env_ids: list[str], began: f
             "params_total": counts["total"],
             "params_active": counts["active"],
             "latency_ms": times[name],
+            "demo_flow_loss": demo_flow_loss(policy, data, frames, cfg.seed) if frames else None,
         }
         for split in SPLITS:
             result = load_eval(cfg, name, split)
@@ -464,17 +479,18 @@ def to_markdown(results: dict[str, Any]) -> str:
     pct = lambda v: f"{100 * v:.1f}%" if v is not None else "-"
     head = "| variant | init | params (total / active) | success, train phrasing |"
     head += " success, held-out phrasing |" if has_heldout else ""
-    head += " chunk latency (batch 1) |"
+    head += " chunk latency (batch 1) | flow loss, demo frames |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         params = f"{r['params_total'] / 1e6:.2f} M / {r['params_active'] / 1e6:.2f} M"
         line = f"| {r['variant']} | {r['init'] or '-'} | {params} "
         line += f"| {pct(r.get('success_train'))} |"
         line += f" {pct(r.get('success_heldout'))} |" if has_heldout else ""
-        line += f" {r['latency_ms']:.1f} ms |"
+        loss = r.get("demo_flow_loss")
+        line += f" {r['latency_ms']:.1f} ms | {'-' if loss is None else f'{loss:.4f}'} |"
         lines.append(line)
     expert = float(np.mean(list(results["expert_success"].values())))
-    lines.append(f"| scripted expert | - | - | {pct(expert)} |" + (" - |" if has_heldout else "") + " - |")
+    lines.append(f"| scripted expert | - | - | {pct(expert)} |" + (" - |" if has_heldout else "") + " - | - |")
     tasks = list(results["expert_success"])
     per_task = ["", "Success per task (training phrasings):", ""]
     per_task.append("| task | " + " | ".join(r["variant"] for r in rows) + " | expert |")

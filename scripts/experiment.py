@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default=None, help="default outputs/experiment (outputs/experiment_quick)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--variants", nargs="+", default=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=VARIANTS, help="variant names, or 'all' for every MoE family")
     p.add_argument("--quick", action="store_true", help="tiny preset, a few steps and episodes")
     p.add_argument("--pretrain-per-seed", action="store_true", help="pretrain the dense policy once per seed")
     p.add_argument("--suite", nargs="+", default=None, help="suite names or env ids (tabletop, mt10, ...)")
@@ -83,6 +83,13 @@ def aggregate(runs: dict[int, dict[str, Any]], variants: list[str]) -> list[dict
                     "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
                     "values": values,
                 }
+        losses = [r["demo_flow_loss"] for r in per_seed.values() if r.get("demo_flow_loss") is not None]
+        if losses:
+            row["demo_flow_loss"] = {
+                "mean": float(np.mean(losses)),
+                "std": float(np.std(losses, ddof=1)) if len(losses) > 1 else 0.0,
+                "values": losses,
+            }
         any_row = next(iter(per_seed.values()))
         row["params_total"], row["params_active"] = any_row["params_total"], any_row["params_active"]
         row["latency_ms"] = float(np.median([r["latency_ms"] for r in per_seed.values()]))
@@ -102,13 +109,17 @@ def to_markdown(rows: list[dict[str, Any]], seeds: list[int]) -> str:
     lines = [
         f"Success: mean ± sd over seeds {', '.join(map(str, seeds))}.",
         "",
-        "| variant | params (total / active) | success, train phrasing | success, held-out phrasing | chunk latency |",
-        "|---|---|---:|---:|---:|",
+        "| variant | params (total / active) | success, train phrasing | success, held-out phrasing | chunk latency "
+        "| flow loss, demo frames |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         params = f"{r['params_total'] / 1e6:.2f} M / {r['params_active'] / 1e6:.2f} M"
+        loss = r.get("demo_flow_loss")
+        loss = "-" if loss is None else f"{loss['mean']:.4f} ± {loss['std']:.4f}"
         lines.append(
-            f"| {r['variant']} | {params} | {cell(r, 'train')} | {cell(r, 'heldout')} | {r['latency_ms']:.1f} ms |"
+            f"| {r['variant']} | {params} | {cell(r, 'train')} | {cell(r, 'heldout')} | {r['latency_ms']:.1f} ms "
+            f"| {loss} |"
         )
     return "\n".join(lines)
 
@@ -145,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         "finetune_steps": args.finetune_steps,
         "pretrain_steps": args.pretrain_steps,
     }
-    base = replace(base, variants=list(args.variants), **{k: v for k, v in given.items() if v is not None})
+    variants = list(pipeline.KINDS) if args.variants == ["all"] else list(args.variants)
+    base = replace(base, variants=variants, **{k: v for k, v in given.items() if v is not None})
     began = time.perf_counter()
     runs = {}
     try:

@@ -63,11 +63,12 @@ def update_readme(output_dir: Path, command: str, readme: Path) -> None:
     if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
         raise SystemExit(f"{readme} needs one {START!r} line followed by one {END!r} line")
     results = json.loads((output_dir / "results.json").read_text())
-    m = results["machine"]
+    m, cfg = results["machine"], results["config"]
+    minutes = lambda pattern: sum(json.loads(p.read_text())["wall_s"] for p in output_dir.glob(pattern)) / 60
     head = (
-        f"`{command}` ({results['wall_s'] / 60:.0f} min on {m['cores']} cores, {m['cpu']}, "
-        f"torch {m['torch']}; seed {results['config']['seed']}, "
-        f"{results['config']['eval_episodes']} episodes per task and phrasing split):"
+        f"`{command}` (seed {cfg['seed']}, {cfg['eval_episodes']} episodes per task and phrasing split; "
+        f"{m['cores']} cores, {m['cpu']}, torch {m['torch']}: training {minutes('runs/*/summary.json'):.0f} min "
+        f"in all, evaluation {minutes('eval/**/eval_info.json'):.0f} min; stages already done are reused):"
     )
     block = f"{START}\n{head}\n\n{(output_dir / 'results.md').read_text().strip()}\n{END}"
     before, rest = text.split(START, 1)
