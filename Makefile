@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo test bench experiment dt-merge families collect lint clean
+.PHONY: setup demo test bench experiment dt-merge families bam collect lint clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,9 @@ dt-merge: setup
 
 families: setup
 	$(PY) scripts/families.py
+
+bam: setup
+	$(PY) scripts/bam.py
 
 collect: setup
 	$(PY) scripts/collect.py --suite tabletop --episodes-per-task 50 --noise 0.0 0.1 0.3

@@ -363,13 +363,12 @@ def demo_flow_loss(policy: VLAPolicy, data: ChunkDataset, frames: dict[str, np.n
     same flow times and noise for every policy (a paired, low-noise measure of how well a
     policy fits the demonstrations; they are training data, so not of generalisation)."""
     idx = np.concatenate(list(frames.values()))
-    losses = []
+    total = 0.0
     torch.manual_seed(seed)
     with torch.inference_mode():
-        for start in range(0, len(idx), 128):
-            _, logs = policy(data.get(idx[start : start + 128]))
-            losses.append(logs["flow_loss"] * len(idx[start : start + 128]))
-    return float(sum(losses) / len(idx))
+        for chunk in np.array_split(idx, -(-len(idx) // 128)):  # batches of at most 128 frames
+            total += policy(data.get(chunk))[1]["flow_loss"] * len(chunk)
+    return total / len(idx)
 
 
 def measure_routing(policy: VLAPolicy, data: ChunkDataset, frames: dict[str, np.ndarray], per_task: int = 8) -> None:

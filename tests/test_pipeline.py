@@ -127,6 +127,26 @@ def test_families_fine_tunes_each_family_and_writes_its_table_into_the_readme(qu
     assert plain.read_text() == "a README without the markers\n"
 
 
+def test_bam_mixes_specialists_and_compares_with_dense_at_equal_steps(quick_run, tmp_path):
+    from policies import from_pretrained
+
+    bam = load_script("bam")
+    done, _, _ = quick_run
+    out = tmp_path / "bam"
+    argv = ["--quick", "--output-dir", str(out), "--datasets-root", str(done / "datasets")]
+    argv += ["--pretrained", str(done / "checkpoints" / "dense_pretrained"), "--share-kv"]
+    argv += ["--groups", "reach=ReachRed", "pick=PickBlue", "--specialist-steps", "3", "--finetune-steps", "2"]
+    assert bam.main(argv) == 0
+    rows = [r["variant"] for r in json.loads((out / "results.json").read_text())["variants"]]
+    assert rows == ["dense_long", "specialist_reach", "specialist_pick", "bam_mixed"]
+    steps = {v: json.loads((out / "runs" / v / "summary.json").read_text())["steps"] for v in rows}
+    assert steps == {"dense_long": 2 * 3 + 2, "specialist_reach": 3, "specialist_pick": 3, "bam_mixed": 2}
+    mixed = from_pretrained(out / "checkpoints" / "bam_mixed")
+    assert mixed.config.moe["config"]["num_experts"] == 2 and mixed.config.attention_moe["config"]["share_kv"]
+    with pytest.raises(SystemExit, match="unknown tabletop task 'ReachPurple'"):
+        bam.main([*argv[:7], "--groups", "reach=ReachPurple", "pick=PickBlue"])
+
+
 def test_variant_names_are_checked_against_the_known_kinds(demo):
     assert demo.parse_variant("adamoe", "paper") == ("adamoe", "paper")
     assert demo.parse_variant("vanilla-preserve", "paper") == ("vanilla", "preserve")

@@ -1,0 +1,160 @@
+#!/usr/bin/env python
+"""BAM on the VLA from several specialists: branch, train, mix, fine-tune, evaluate.
+
+    python scripts/bam.py                          # 4 specialists of 200 steps, mixed, 200 more steps
+    python scripts/bam.py --share-kv --eval-episodes 10
+    python scripts/bam.py --groups reach=ReachRed,ReachBlue pick=PickRed,PickGreen,PickBlue
+
+Branch: copies of one pretrained dense VLA (the ``make families`` / ``make demo`` one when
+present) are fine-tuned, each on one group of tasks (default: reach and push, pick,
+place, stack), into specialists. Mix (``policies.vla.mix_specialists``): specialist
+``e``'s action-expert FFNs become routed expert ``e`` (top-2, as Branch-Train-MiX) and
+its attention becomes soft attention expert ``e``, everything else the specialists'
+average. The mixture is then fine-tuned on every task. For a fair reading the dense
+policy is fine-tuned on every task for the same total steps (``dense_long``: the
+specialists' steps plus the mixture's). Stages and outputs as ``scripts/demo.py``
+(``<output-dir>/checkpoints``, ``eval``, ``results.md``), each skipped when done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import demo  # noqa: E402
+import torch  # noqa: E402
+
+import adamoe  # noqa: E402
+from envs.collection import dataset_id_for  # noqa: E402
+from envs.registration import TABLETOP_PREFIX  # noqa: E402
+from envs.tasks import get_task  # noqa: E402
+from policies import from_pretrained  # noqa: E402
+from policies.data import ChunkDataset  # noqa: E402
+from policies.training import TrainConfig  # noqa: E402
+from policies.vla import mix_specialists  # noqa: E402
+
+DEFAULT_GROUPS = {
+    "reach-push": ["ReachRed", "ReachBlue", "PushRedToYellowPad", "PushGreenToPurplePad"],
+    "pick": ["PickRed", "PickGreen", "PickBlue"],
+    "place": ["PlaceBlueOnYellowPad", "PlaceRedOnPurplePad", "PlaceGreenOnYellowPad"],
+    "stack": ["StackRedOnGreen", "StackBlueOnRed"],
+}
+PRETRAINED = [Path("outputs/families/checkpoints/dense_pretrained"), Path("outputs/demo/checkpoints/dense_pretrained")]
+DATASETS = [Path("outputs/families/datasets"), Path("outputs/demo/datasets")]
+
+
+def parse_groups(pairs: list[str] | None) -> dict[str, list[str]]:
+    """``["pick=PickRed,PickBlue", ...]`` -> ``{"pick": ["PickRed", "PickBlue"], ...}``."""
+    if not pairs:
+        return DEFAULT_GROUPS
+    groups = {}
+    for pair in pairs:
+        name, sep, tasks = pair.partition("=")
+        if not sep or not name or not tasks:
+            raise ValueError(f"--groups expects NAME=Task,Task,..., got {pair!r}")
+        groups[name] = [get_task(t).name for t in tasks.split(",")]  # unknown tasks fail here, named
+    if len(groups) < 2:
+        raise ValueError(f"BAM mixes at least 2 specialists; --groups gave {len(groups)}")
+    return groups
+
+
+def group_data(cfg: demo.PipelineConfig, tasks: list[str], like: ChunkDataset) -> ChunkDataset:
+    ids = [dataset_id_for(f"{TABLETOP_PREFIX}{t}-v0") for t in tasks]
+    return ChunkDataset(ids, like.chunk_size, like.cameras, root=cfg.root, progress=False)
+
+
+def train_config(cfg: demo.PipelineConfig, steps: int) -> TrainConfig:
+    """The families' fine-tuning recipe (lr, warm-up, the same batch seed) for ``steps``."""
+    return TrainConfig(
+        steps=steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.finetune_lr,
+        warmup_steps=min(50, steps // 10),
+        seed=cfg.seed + 1,
+        progress=cfg.progress,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    groups = parse_groups(args.groups)
+    pretrained = Path(args.pretrained) if args.pretrained else next((p for p in PRETRAINED if p.is_dir()), None)
+    root = Path(args.datasets_root) if args.datasets_root else next((p for p in DATASETS if p.is_dir()), None)
+    if pretrained is None or root is None:
+        raise SystemExit("no pretrained dense VLA or datasets found: run `make families` first, or pass both flags")
+    tasks = [t for group in groups.values() for t in group]
+    env_ids = [f"{TABLETOP_PREFIX}{t}-v0" for t in tasks]
+    specialists = [f"specialist_{name}" for name in groups]
+    cfg = replace(
+        demo.PipelineConfig(),
+        output_dir=args.output_dir or "outputs/bam",
+        suite=env_ids,
+        datasets_root=str(root),
+        pretrained=str(pretrained),
+        eval_episodes=args.eval_episodes,
+        variants=["dense_long", *specialists, "bam_mixed"],
+        eval_pretrained=False,
+        seed=args.seed,
+    )
+    if args.quick:
+        quick = {k: demo.QUICK[k] for k in ("batch_size", "videos", "latency_calls", "eval_episodes")}
+        cfg = replace(cfg, output_dir=args.output_dir or "outputs/bam_quick", progress=False, **quick)
+    began = time.perf_counter()
+    data = demo.load_data(cfg, env_ids)
+    out = Path(cfg.output_dir) / "checkpoints"
+    total = args.specialist_steps * len(groups) + args.finetune_steps
+    if not (out / "dense_long" / "config.json").is_file():
+        demo.log(f"dense_long: the dense policy fine-tuned {total} steps on every task")
+        demo.train_stage(cfg, "dense_long", from_pretrained(pretrained).train(), data, train_config(cfg, total))
+    for (name, group), variant in zip(groups.items(), specialists, strict=True):
+        if not (out / variant / "config.json").is_file():
+            demo.log(f"branch {name}: {args.specialist_steps} steps on {group}")
+            subset = group_data(cfg, group, data)
+            policy = from_pretrained(pretrained).train()
+            demo.train_stage(cfg, variant, policy, subset, train_config(cfg, args.specialist_steps))
+    if not (out / "bam_mixed" / "config.json").is_file():
+        experts = len(groups)
+        mixed = mix_specialists(
+            [from_pretrained(out / v) for v in specialists],
+            attention_config=adamoe.MoAConfig(num_experts=experts, share_kv=args.share_kv),
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+        counts = mixed.parameter_counts()
+        demo.log(
+            f"mix: {experts} specialists -> {counts['total']:,} parameters ({counts['active']:,} active), "
+            f"fine-tuned {args.finetune_steps} steps on every task"
+        )
+        demo.train_stage(cfg, "bam_mixed", mixed.train(), data, train_config(cfg, args.finetune_steps))
+    demo.evaluate_all(cfg, env_ids)
+    results = demo.report(cfg, data, env_ids, began)
+    print()
+    print(demo.to_markdown(results))
+    print(f"\nwrote {Path(cfg.output_dir) / 'results.md'}; took {(time.perf_counter() - began) / 60:.1f} min")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output-dir", default=None, help="default outputs/bam (outputs/bam_quick)")
+    p.add_argument("--quick", action="store_true", help="small batches, 1 episode: the plumbing")
+    p.add_argument("--pretrained", default=None, help="the dense VLA to branch (default: the families' or demo's)")
+    p.add_argument("--datasets-root", default=None, help="the demonstrations (default: the families' or demo's)")
+    p.add_argument("--groups", nargs="+", default=None, metavar="NAME=Task,Task", help="one specialist per group")
+    p.add_argument("--specialist-steps", type=int, default=200)
+    p.add_argument("--finetune-steps", type=int, default=200)
+    p.add_argument("--share-kv", action="store_true", help="attention experts share keys and values")
+    p.add_argument("--eval-episodes", type=int, default=20, help="episodes per task and phrasing split")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        return run(args)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from err
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
