@@ -71,6 +71,17 @@ SPLITS = ("train", "heldout")
 COLORS = {"pretrained": "#8c8c8c", "dense": "#4c72b0", "vanilla": "#dd8452", "adamoe": "#55a868"}
 
 
+def color(variant: str) -> str:
+    """A variant's colour: the main job's fixed ones, one per MoE family, grey otherwise."""
+    kind = variant.split("-")[0]
+    if kind in COLORS:
+        return COLORS[kind]
+    import matplotlib
+
+    names = [k for k in KINDS if k not in COLORS]
+    return matplotlib.colormaps["tab20"](names.index(kind) % 20) if kind in names else COLORS["pretrained"]
+
+
 @dataclass
 class PipelineConfig:
     """Everything one run of the comparison depends on (stored in ``results.json``)."""
@@ -510,23 +521,39 @@ def _plt():
 
 
 def plot_success(results: dict[str, Any], path: Path) -> None:
+    """Success per task: grouped bars for a few variants, a task x variant grid for many."""
     plt = _plt()
     rows = [r for r in results["variants"] if "per_task_train" in r]
     tasks = list(results["expert_success"])
-    fig, ax = plt.subplots(figsize=(max(8, 0.8 * len(tasks)), 3.8))
-    width = 0.8 / (len(rows) + 1)
-    x = np.arange(len(tasks))
-    for i, r in enumerate(rows):
-        values = [100 * r["per_task_train"].get(t, np.nan) for t in tasks]
-        label = f"{r['variant']} ({100 * r['success_train']:.0f}%)"
-        ax.bar(x + i * width, values, width, label=label, color=COLORS.get(r["variant"].split("-")[0]))
-    expert = [100 * results["expert_success"][t] for t in tasks]
-    ax.bar(x + len(rows) * width, expert, width, label="scripted expert", color="#dddddd", edgecolor="#999999")
-    ax.set_xticks(x + 0.4 - width / 2, tasks, rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel("success (%)")
-    ax.set_ylim(0, 105)
-    ax.set_title("Success per task, training phrasings", pad=24)
-    ax.legend(fontsize=7, ncol=len(rows) + 1, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    if len(rows) > 5:
+        grid = np.array([[100 * r["per_task_train"].get(t, np.nan) for t in tasks] for r in rows])
+        means = [100 * r["success_train"] for r in rows]
+        fig, ax = plt.subplots(figsize=(2.5 + 0.75 * len(tasks), 1.2 + 0.32 * len(rows)))
+        image = ax.imshow(grid, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+        for (i, j), value in np.ndenumerate(grid):
+            ax.text(
+                j, i, f"{value:.0f}", ha="center", va="center", fontsize=7, color="white" if value < 60 else "black"
+            )
+        ax.set_xticks(range(len(tasks)), tasks, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(len(rows)), [f"{r['variant']} ({m:.0f}%)" for r, m in zip(rows, means, strict=True)])
+        ax.tick_params(axis="y", labelsize=8)
+        fig.colorbar(image, ax=ax, label="success (%)", shrink=0.8)
+        ax.set_title("Success per task, training phrasings (scripted expert: 100% on every task)", fontsize=10)
+    else:
+        fig, ax = plt.subplots(figsize=(max(8, 0.8 * len(tasks)), 3.8))
+        width = 0.8 / (len(rows) + 1)
+        x = np.arange(len(tasks))
+        for i, r in enumerate(rows):
+            values = [100 * r["per_task_train"].get(t, np.nan) for t in tasks]
+            label = f"{r['variant']} ({100 * r['success_train']:.0f}%)"
+            ax.bar(x + i * width, values, width, label=label, color=color(r["variant"]))
+        expert = [100 * results["expert_success"][t] for t in tasks]
+        ax.bar(x + len(rows) * width, expert, width, label="scripted expert", color="#dddddd", edgecolor="#999999")
+        ax.set_xticks(x + 0.4 - width / 2, tasks, rotation=60, ha="right", fontsize=8)
+        ax.set_ylabel("success (%)")
+        ax.set_ylim(0, 105)
+        ax.set_title("Success per task, training phrasings", pad=24)
+        ax.legend(fontsize=7, ncol=len(rows) + 1, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -556,14 +583,14 @@ def plot_training(cfg: PipelineConfig, path: Path) -> None:
             loss = np.array([r.get("flow_loss", r["loss"]) for r in records])
             k = max(1, min(10, len(loss) // 5))  # moving average over up to 10 logged points
             smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-            ax.plot(steps[k - 1 :], smooth, label=name, color=COLORS.get(name.split("-")[0], "#8c8c8c"))
+            ax.plot(steps[k - 1 :], smooth, label=name, color=color(name))
         ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_ylabel("flow-matching loss (smoothed)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7, ncol=1 + len(names) // 6)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -126,17 +126,19 @@ def to_markdown(rows: list[dict[str, Any]], seeds: list[int]) -> str:
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt = pipeline._plt()
-    fig, ax = plt.subplots(figsize=(7, 3.4))
+    fig, ax = plt.subplots(figsize=(max(7, 0.6 * len(rows) + 2), 3.6))
     x = np.arange(len(rows))
     for offset, split, hatch in ((-0.18, "train", None), (0.18, "heldout", "//")):
         means = [100 * r.get(f"success_{split}", {}).get("mean", np.nan) for r in rows]
         stds = [100 * r.get(f"success_{split}", {}).get("std", 0.0) for r in rows]
-        colors = [pipeline.COLORS.get(r["variant"].split("-")[0], "#8c8c8c") for r in rows]
+        colors = [pipeline.color(r["variant"]) for r in rows]
         ax.bar(x + offset, means, 0.36, yerr=stds, capsize=3, color=colors, hatch=hatch, label=f"{split} phrasing")
         for i, r in enumerate(rows):
             values = r.get(f"success_{split}", {}).get("values", [])
             ax.scatter([x[i] + offset] * len(values), [100 * v for v in values], color="black", s=8, zorder=3)
-    ax.set_xticks(x, [r["variant"] for r in rows])
+    ax.set_xticks(
+        x, [r["variant"] for r in rows], rotation=45 if len(rows) > 6 else 0, ha="right" if len(rows) > 6 else "center"
+    )
     ax.set_ylabel("mean success (%)")
     ax.set_title("Success over seeds (bars: mean, whiskers: sd, dots: seeds)")
     ax.legend(fontsize=8)
