@@ -34,15 +34,20 @@ class MoAConfig(JSONConfig):
 
     ``share_kv``: one key and one value projection for every expert (initialised from the
     dense layer, or the specialists' average); only queries and outputs are per expert.
-    ``expert_noise_std``: relative Gaussian noise on each upcycled copy (0 keeps the
-    copies equal, and the layer then computes the dense attention exactly at step 0,
-    whatever the router says, because the mixing weights sum to 1).
+    ``expert_noise_std``: relative Gaussian noise on each copy when one dense layer is
+    upcycled (``from_dense``; specialists already differ and get none). With equal copies
+    the layer computes the dense attention exactly, whatever the router says, because
+    the mixing weights sum to 1; but for the same reason the router's gradient is then
+    exactly zero (``d y / d logit_e = p_e (y_e - y)`` and every ``y_e`` is ``y``), and
+    the experts can only drift apart through the small per-token differences of their
+    mixing weights. The default 1% starts them apart, so the router learns from step 1;
+    0 gives the exact dense layer.
     """
 
     num_experts: int = 4
     share_kv: bool = False
     router_init_std: float = 0.006
-    expert_noise_std: float = 0.0
+    expert_noise_std: float = 0.01
 
     def __post_init__(self) -> None:
         self.validate()
@@ -53,8 +58,9 @@ class MoAConfig(JSONConfig):
         if not isinstance(self.share_kv, bool):
             raise ValueError(f"share_kv must be True or False, got {self.share_kv!r}")
         for name in ("router_init_std", "expert_noise_std"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
 
 
 # The four projections of one attention layer, as nn.Linear modules: query, key, value, output.
@@ -101,8 +107,9 @@ class MixtureOfAttention(nn.Module):
         config: MoAConfig,
         generator: torch.Generator | None = None,
     ) -> MixtureOfAttention:
-        """Upcycle one attention layer: every expert a copy of it (plus optional noise)."""
-        return cls.from_specialists([projections] * config.num_experts, heads, config, generator)
+        """Upcycle one attention layer: every expert a copy of it, plus relative noise of
+        ``config.expert_noise_std`` (drawn from ``generator``)."""
+        return cls._build([projections] * config.num_experts, heads, config, config.expert_noise_std, generator)
 
     @classmethod
     def from_specialists(
@@ -113,8 +120,19 @@ class MixtureOfAttention(nn.Module):
         generator: torch.Generator | None = None,
     ) -> MixtureOfAttention:
         """Expert ``e`` from the ``e``-th model's attention projections (BAM's mixture of
-        attention from specialists); shared keys and values are the specialists' average.
-        The router starts at N(0, router_init_std^2)."""
+        attention from specialists), as they are (no noise); shared keys and values are
+        the specialists' average. The router starts at N(0, router_init_std^2)."""
+        return cls._build(attentions, heads, config, 0.0, generator)
+
+    @classmethod
+    def _build(
+        cls,
+        attentions: Sequence[Projections],
+        heads: int,
+        config: MoAConfig,
+        noise_std: float,
+        generator: torch.Generator | None,
+    ) -> MixtureOfAttention:
         if len(attentions) != config.num_experts:
             raise ValueError(
                 f"got {len(attentions)} attention layers for num_experts={config.num_experts}; give one per expert"
@@ -146,10 +164,10 @@ class MixtureOfAttention(nn.Module):
                     value = stacked(index, what)
                     if index > 0 and config.share_kv:
                         value = value.mean(1, keepdim=True)
-                    noisy = _noisy(value, config.expert_noise_std, generator, index == 0 or not config.share_kv)
+                    noisy = _noisy(value, noise_std, generator, index == 0 or not config.share_kv)
                     target.copy_(noisy.reshape(target.shape))
             o = torch.stack([a[3].weight.detach().reshape(dim, h, d) for a in attentions], dim=2)  # (D, H, E, d)
-            layer.o_proj.weight.copy_(_noisy(o, config.expert_noise_std, generator, True).reshape(dim, h * e * d))
+            layer.o_proj.weight.copy_(_noisy(o, noise_std, generator, True).reshape(dim, h * e * d))
             if layer.o_bias is not None:
                 layer.o_bias.copy_(torch.stack([a[3].bias.detach() for a in attentions]))
             noise = torch.randn(layer.router.weight.shape, generator=generator)
@@ -243,7 +261,8 @@ def _check_projections(projections: Projections, heads: int, index: int) -> tupl
             f"v {tuple(v.weight.shape)}, o {tuple(o.weight.shape)}"
         )
     if len({p.bias is None for p in (q, k, v)}) > 1:
-        raise ValueError(f"attention {index}: q, k and v must all have a bias or none")
+        present = {name: p.bias is not None for name, p in zip("qkv", (q, k, v), strict=True)}
+        raise ValueError(f"attention {index}: q, k and v must all have a bias or none, got bias {present}")
     return tuple(tuple(p.weight.shape) for p in projections) + tuple(p.bias is not None for p in (q, o))
 
 

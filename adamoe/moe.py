@@ -324,12 +324,16 @@ class MoEFeedForward(nn.Module):
 
     def inactive_parameters(self) -> float:
         """Parameters of this layer a token's output does not depend on: the routed experts
-        beyond ``experts_per_token``, and the self-guided dense FFN once blended out."""
+        beyond ``experts_per_token``, the self-guided dense FFN once blended out, and,
+        while the guide still carries everything (``alpha = 1``: the MoE branch is not
+        run), all but the guide."""
+        guide = sum(p.numel() for p in self.guide.parameters()) if self.guide is not None else 0
+        alpha = self.guide_alpha()
+        if alpha >= 1.0:
+            return float(sum(p.numel() for p in self.parameters()) - guide)
         per_expert = sum(p.numel() for p in self.experts.parameters()) / self.config.num_experts
         unused = (self.config.num_experts - self.experts_per_token()) * per_expert
-        if self.guide is not None and self.guide_alpha() <= 0.0:
-            unused += sum(p.numel() for p in self.guide.parameters())
-        return unused
+        return unused + (guide if alpha <= 0.0 else 0)
 
     def extra_repr(self) -> str:
         c = self.config

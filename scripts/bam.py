@@ -57,6 +57,8 @@ def parse_groups(pairs: list[str] | None) -> dict[str, list[str]]:
         name, sep, tasks = pair.partition("=")
         if not sep or not name or not tasks:
             raise ValueError(f"--groups expects NAME=Task,Task,..., got {pair!r}")
+        if name in groups:
+            raise ValueError(f"--groups names {name!r} twice; give each specialist its own name")
         groups[name] = [get_task(t).name for t in tasks.split(",")]  # unknown tasks fail here, named
     if len(groups) < 2:
         raise ValueError(f"BAM mixes at least 2 specialists; --groups gave {len(groups)}")
@@ -101,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     if args.quick:
-        quick = {k: demo.QUICK[k] for k in ("batch_size", "videos", "latency_calls", "eval_episodes")}
+        quick = {k: demo.QUICK[k] for k in ("batch_size", "videos", "latency_calls")}
         cfg = replace(cfg, output_dir=args.output_dir or "outputs/bam_quick", progress=False, **quick)
     began = time.perf_counter()
     data = demo.load_data(cfg, env_ids)
@@ -140,16 +142,23 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default=None, help="default outputs/bam (outputs/bam_quick)")
-    p.add_argument("--quick", action="store_true", help="small batches, 1 episode: the plumbing")
+    p.add_argument("--quick", action="store_true", help="small batches, few steps, 1 episode: the plumbing")
     p.add_argument("--pretrained", default=None, help="the dense VLA to branch (default: the families' or demo's)")
     p.add_argument("--datasets-root", default=None, help="the demonstrations (default: the families' or demo's)")
     p.add_argument("--groups", nargs="+", default=None, metavar="NAME=Task,Task", help="one specialist per group")
-    p.add_argument("--specialist-steps", type=int, default=200)
-    p.add_argument("--finetune-steps", type=int, default=200)
+    p.add_argument("--specialist-steps", type=int, default=None, help="per specialist (default 200; --quick 10)")
+    p.add_argument("--finetune-steps", type=int, default=None, help="of the mixture (default 200; --quick 10)")
     p.add_argument("--share-kv", action="store_true", help="attention experts share keys and values")
-    p.add_argument("--eval-episodes", type=int, default=20, help="episodes per task and phrasing split")
+    p.add_argument(
+        "--eval-episodes", type=int, default=None, help="episodes per task and phrasing split (default 20; --quick 1)"
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    quick = {"specialist_steps": 10, "finetune_steps": 10, "eval_episodes": demo.QUICK["eval_episodes"]}
+    full = {"specialist_steps": 200, "finetune_steps": 200, "eval_episodes": 20}
+    for name, value in (quick if args.quick else full).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     try:
         return run(args)
     except ValueError as err:

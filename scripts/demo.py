@@ -27,6 +27,7 @@ import argparse
 import json
 import sys
 import time
+import zlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -72,14 +73,17 @@ COLORS = {"pretrained": "#8c8c8c", "dense": "#4c72b0", "vanilla": "#dd8452", "ad
 
 
 def color(variant: str) -> str:
-    """A variant's colour: the main job's fixed ones, one per MoE family, grey otherwise."""
-    kind = variant.split("-")[0]
-    if kind in COLORS:
-        return COLORS[kind]
+    """A variant's colour: the main job's fixed ones, one per MoE family (``dense_long``
+    and ``bam_mixed`` take dense's and bam's), one per name for the rest."""
     import matplotlib
 
+    kind = {"dense_long": "dense", "bam_mixed": "bam"}.get(variant, variant.split("-")[0])
+    if kind in COLORS:
+        return COLORS[kind]
     names = [k for k in KINDS if k not in COLORS]
-    return matplotlib.colormaps["tab20"](names.index(kind) % 20) if kind in names else COLORS["pretrained"]
+    if kind in names:
+        return matplotlib.colors.to_hex(matplotlib.colormaps["tab20"](names.index(kind) % 20))
+    return matplotlib.colors.to_hex(matplotlib.colormaps["Dark2"](zlib.crc32(variant.encode()) % 8))
 
 
 @dataclass
@@ -375,9 +379,9 @@ def demo_flow_loss(policy: VLAPolicy, data: ChunkDataset, frames: dict[str, np.n
     policy fits the demonstrations; they are training data, so not of generalisation)."""
     idx = np.concatenate(list(frames.values()))
     total = 0.0
-    torch.manual_seed(seed)
     with torch.inference_mode():
-        for chunk in np.array_split(idx, -(-len(idx) // 128)):  # batches of at most 128 frames
+        for i, chunk in enumerate(np.array_split(idx, -(-len(idx) // 128))):  # batches of at most 128 frames
+            torch.manual_seed(seed + i)  # per batch: a policy drawing more (THOR's routing) shifts no other batch
             total += policy(data.get(chunk))[1]["flow_loss"] * len(chunk)
     return total / len(idx)
 

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--update-readme"]
     args = with_defaults(argv)
     code = demo.main(args)
-    if readme:
+    if readme and code == 0:
         output_dir = Path(demo.parse_args(args).output_dir)
         update_readme(output_dir, shlex.join(["python", "scripts/families.py", *argv]), README)
         print(f"wrote the table into {README}")

@@ -103,7 +103,7 @@ def test_gradients_match_the_reference(share_kv):
 @pytest.mark.parametrize("share_kv", [False, True])
 def test_upcycling_one_dense_layer_computes_its_attention_whatever_the_router_says(share_kv):
     dense = _attention(7, bias=True)
-    config = MoAConfig(num_experts=4, share_kv=share_kv, router_init_std=1.0)
+    config = MoAConfig(num_experts=4, share_kv=share_kv, router_init_std=1.0, expert_noise_std=0.0)
     layer = MixtureOfAttention.from_dense(dense, HEADS, config)
     x = torch.randn(3, 9, DIM)
     assert layer.last_probs is None
@@ -119,6 +119,29 @@ def test_expert_noise_makes_upcycled_copies_differ():
     a, b = layer.expert_projections(0), layer.expert_projections(1)
     assert not torch.equal(a[0].weight, b[0].weight)
     assert torch.allclose(a[0].weight, dense[0].weight, atol=0.01)
+
+
+@pytest.mark.parametrize("share_kv", [False, True])
+def test_equal_copies_give_the_router_no_gradient_and_the_default_noise_does(share_kv):
+    dense, x = _attention(4), torch.randn(2, 6, DIM)
+
+    def router_grad(noise_std: float) -> torch.Tensor:
+        config = MoAConfig(num_experts=3, share_kv=share_kv, router_init_std=0.5, expert_noise_std=noise_std)
+        layer = MixtureOfAttention.from_dense(dense, HEADS, config, torch.Generator().manual_seed(0))
+        layer(x).pow(2).sum().backward()
+        return layer.router.weight.grad
+
+    assert MoAConfig().expert_noise_std > 0
+    torch.testing.assert_close(router_grad(0.0), torch.zeros(3, DIM), atol=1e-6, rtol=0)
+    assert router_grad(MoAConfig().expert_noise_std).abs().max() > 1e-4
+
+
+def test_specialists_are_taken_as_they_are_whatever_the_noise_setting():
+    specialists = [_attention(s) for s in range(2)]
+    layer = MixtureOfAttention.from_specialists(specialists, HEADS, MoAConfig(num_experts=2, expert_noise_std=0.5))
+    for e, spec in enumerate(specialists):
+        for got, want in zip(layer.expert_projections(e), spec, strict=True):
+            torch.testing.assert_close(got.weight, want.weight)
 
 
 def test_specialists_become_experts_and_shared_keys_and_values_are_their_average():
@@ -170,6 +193,11 @@ def test_mismatched_specialists_and_bad_configs_are_named():
         MixtureOfAttention.from_dense(a, 5, MoAConfig(num_experts=2))
     with pytest.raises(ValueError, match="num_experts must be an integer >= 1, got 0"):
         MoAConfig(num_experts=0)
+    with pytest.raises(ValueError, match="router_init_std must be a number >= 0, got 'big'"):
+        MoAConfig(router_init_std="big")
+    lopsided = (nn.Linear(DIM, HEADS * HEAD_DIM, bias=True), *_attention(2)[1:])
+    with pytest.raises(ValueError, match=r"a bias or none, got bias \{'q': True, 'k': False, 'v': False\}"):
+        MixtureOfAttention.from_dense(lopsided, HEADS, MoAConfig(num_experts=2))
     with pytest.raises(ValueError, match="unknown MoAConfig fields \\['top_k'\\]"):
         MoAConfig.from_dict({"top_k": 2})
     with pytest.raises(ValueError, match=r"expects \(B, T, 24\) inputs"):

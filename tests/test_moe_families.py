@@ -362,11 +362,13 @@ def test_self_guided_training_blends_the_dense_ffn_out_on_schedule():
     x = torch.randn(6, 16)
     guide_params = sum(p.numel() for p in layer.guide.parameters())
     routed = sum(p.numel() for p in layer.experts.parameters()) * 3 / 4  # top-1 of 4
-    assert layer.inactive_parameters() == pytest.approx(routed)  # the guide still shapes the output
+    everything = sum(p.numel() for p in layer.parameters())
+    assert layer.inactive_parameters() == everything - guide_params  # step 0: the MoE branch does not run
     torch.testing.assert_close(layer(x), dense(x))  # step 0: alpha = 1, the dense path alone
     layer(x)  # step 1
     alpha = layer.guide_alpha()
     assert alpha == pytest.approx(0.5)
+    assert layer.inactive_parameters() == pytest.approx(routed)  # both paths shape the output
     expected = 0.5 * dense(x) + 0.5 * layer._forward_moe(x)
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
     layer(x)

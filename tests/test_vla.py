@@ -234,7 +234,9 @@ def test_training_loss_includes_the_moe_balance_loss_when_upcycled():
 def test_upcycling_attention_keeps_the_dense_policys_actions(share_kv):
     dense = make_policy()
     moa = copy.deepcopy(dense)
-    report = moa.upcycle_attention(MoAConfig(num_experts=3, share_kv=share_kv, router_init_std=1.0))
+    report = moa.upcycle_attention(
+        MoAConfig(num_experts=3, share_kv=share_kv, router_init_std=1.0, expert_noise_std=0.0)
+    )
     assert report["layers"] == [f"model.action_expert.layers.{i}.attention_experts" for i in range(2)]
     assert report["params_after"] > report["params_before"] == dense.parameter_counts()["total"]
     batch = make_batch(dense)
@@ -302,6 +304,7 @@ def test_mixing_specialists_makes_each_one_an_expert_and_averages_the_rest(tmp_p
             dense = spec.model.action_expert.layers[depth]
             q, k, v, o = layer.attention_experts.expert_projections(e)
             torch.testing.assert_close(q.weight, dense.q_proj.weight)
+            torch.testing.assert_close(k.weight, dense.k_proj.weight)
             torch.testing.assert_close(v.weight, dense.v_proj.weight)
             torch.testing.assert_close(o.weight, dense.o_proj.weight)
             expert_in = layer.mlp.experts.w_in[e]
@@ -360,6 +363,11 @@ def test_mixing_rejects_mismatched_or_upcycled_specialists():
         ValueError, match=r"\(dim, heads, head_dim\) = \(32, 4, 4\) do not fit this layer's \(32, 2, 8\)"
     ):
         layer.upcycle_attention(wrong)
+    biased = adamoe.MixtureOfAttention(MoAConfig(num_experts=2), layer.q_proj.in_features, 2, 8, bias=True)
+    with pytest.raises(ValueError, match=r"has no biases; the attention experts have bias \{'qkv': True, 'o': False\}"):
+        layer.upcycle_attention(biased)
+    with pytest.raises(ValueError, match="attention_moe must be None or a dict with a 'config' dict"):
+        policies.VLAConfig(attention_moe={"layers": []})
 
 
 # -- checkpoints ----------------------------------------------------------------------

@@ -138,10 +138,15 @@ class VLAConfig(JSONConfig):
             raise ValueError(f"self_contrast_beta must be >= 0, got {self.self_contrast_beta!r}")
         if len(self.self_contrast_k) != 2 or not all(isinstance(k, int) and k >= 1 for k in self.self_contrast_k):
             raise ValueError(f"self_contrast_k must be two expert counts (strong, weak), got {self.self_contrast_k!r}")
-        if self.moe is not None:
-            MoEConfig.from_dict(self.moe["config"])
-        if self.attention_moe is not None:
-            MoAConfig.from_dict(self.attention_moe["config"])
+        for name, config_class in (("moe", MoEConfig), ("attention_moe", MoAConfig)):
+            record = getattr(self, name)
+            if record is None:
+                continue
+            if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+                raise ValueError(
+                    f"{name} must be None or a dict with a 'config' dict (as upcycling writes it), got {record!r}"
+                )
+            config_class.from_dict(record["config"])
 
     @property
     def tokens_per_image(self) -> int:

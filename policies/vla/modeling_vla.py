@@ -223,6 +223,9 @@ class Layer(nn.Module):
                 f"attention experts of (dim, heads, head_dim) = {got} do not fit this layer's "
                 f"{(width, self.heads, inner // self.heads)}"
             )
+        biased = {"qkv": experts.q_proj.bias is not None, "o": experts.o_bias is not None}
+        if any(biased.values()):  # the policy's own projections have none, and its config records none
+            raise ValueError(f"this layer's attention has no biases; the attention experts have bias {biased}")
         del self.q_proj, self.k_proj, self.v_proj, self.o_proj
         self.attention_experts = experts
 
@@ -454,8 +457,10 @@ class VLAPolicy(PretrainedPolicy):
         self, config: MoAConfig | None = None, generator: torch.Generator | None = None
     ) -> dict[str, Any]:
         """Turn the action expert's attention layers into soft attention experts (BAM), in
-        place: every expert a copy of the layer, so with ``expert_noise_std=0`` the policy
-        computes exactly what it did. Returns what ``config.attention_moe`` now records."""
+        place: every expert a copy of the layer plus ``config.expert_noise_std`` relative
+        noise (with 0 the policy computes exactly what it did, but the routers get no
+        gradient until the experts drift apart; see ``MoAConfig``). Returns what
+        ``config.attention_moe`` now records."""
         if self.config.attention_moe is not None:
             raise ValueError("this policy's attention is already upcycled")
         config = MoAConfig() if config is None else config
