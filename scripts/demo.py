@@ -27,7 +27,6 @@ import argparse
 import json
 import sys
 import time
-import zlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -72,9 +71,9 @@ SPLITS = ("train", "heldout")
 COLORS = {"pretrained": "#8c8c8c", "dense": "#4c72b0", "vanilla": "#dd8452", "adamoe": "#55a868"}
 
 
-def color(variant: str) -> str:
+def color(variant: str) -> str | None:
     """A variant's colour: the main job's fixed ones, one per MoE family (``dense_long``
-    and ``bam_mixed`` take dense's and bam's), one per name for the rest."""
+    and ``bam_mixed`` take dense's and bam's); None for other names (see ``palette``)."""
     import matplotlib
 
     kind = {"dense_long": "dense", "bam_mixed": "bam"}.get(variant, variant.split("-")[0])
@@ -83,7 +82,21 @@ def color(variant: str) -> str:
     names = [k for k in KINDS if k not in COLORS]
     if kind in names:
         return matplotlib.colors.to_hex(matplotlib.colormaps["tab20"](names.index(kind) % 20))
-    return matplotlib.colors.to_hex(matplotlib.colormaps["Dark2"](zlib.crc32(variant.encode()) % 8))
+    return None
+
+
+def palette(variants: list[str]) -> dict[str, str]:
+    """``color`` for every variant, the names it does not know (e.g. ``specialist_*``)
+    taking distinct colours of Dark2 in order."""
+    import matplotlib
+
+    out, spare = {}, 0
+    for name in variants:
+        out[name] = color(name)
+        if out[name] is None:
+            out[name] = matplotlib.colors.to_hex(matplotlib.colormaps["Dark2"](spare % 8))
+            spare += 1
+    return out
 
 
 @dataclass
@@ -547,10 +560,11 @@ def plot_success(results: dict[str, Any], path: Path) -> None:
         fig, ax = plt.subplots(figsize=(max(8, 0.8 * len(tasks)), 3.8))
         width = 0.8 / (len(rows) + 1)
         x = np.arange(len(tasks))
+        colors = palette([r["variant"] for r in rows])
         for i, r in enumerate(rows):
             values = [100 * r["per_task_train"].get(t, np.nan) for t in tasks]
             label = f"{r['variant']} ({100 * r['success_train']:.0f}%)"
-            ax.bar(x + i * width, values, width, label=label, color=color(r["variant"]))
+            ax.bar(x + i * width, values, width, label=label, color=colors[r["variant"]])
         expert = [100 * results["expert_success"][t] for t in tasks]
         ax.bar(x + len(rows) * width, expert, width, label="scripted expert", color="#dddddd", edgecolor="#999999")
         ax.set_xticks(x + 0.4 - width / 2, tasks, rotation=60, ha="right", fontsize=8)
@@ -574,11 +588,13 @@ def plot_training(cfg: PipelineConfig, path: Path) -> None:
     """Flow-matching loss against step: pretraining, then each variant's fine-tuning."""
     plt = _plt()
     runs = Path(cfg.output_dir) / "runs"
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-    for ax, names, title in (
-        (axes[0], ["dense_pretrained"], "pretraining (dense)"),
-        (axes[1], cfg.variants, "fine-tuning, same batches"),
-    ):
+    colors = palette(["dense_pretrained", *cfg.variants])
+    panels = [(["dense_pretrained"], "pretraining (dense)"), (cfg.variants, "fine-tuning")]
+    panels = [(names, title) for names, title in panels if any(_records(runs / n / "metrics.jsonl") for n in names)]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.4), squeeze=False)
+    for ax, (names, title) in zip(axes[0], panels, strict=True):
         for name in names:
             records = _records(runs / name / "metrics.jsonl")
             if not records:
@@ -587,7 +603,7 @@ def plot_training(cfg: PipelineConfig, path: Path) -> None:
             loss = np.array([r.get("flow_loss", r["loss"]) for r in records])
             k = max(1, min(10, len(loss) // 5))  # moving average over up to 10 logged points
             smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-            ax.plot(steps[k - 1 :], smooth, label=name, color=color(name))
+            ax.plot(steps[k - 1 :], smooth, label=name, color=colors[name])
         ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_ylabel("flow-matching loss (smoothed)")

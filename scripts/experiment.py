@@ -67,29 +67,41 @@ def seed_config(base: Any, out: Path, seed: int, first: int, shared: bool) -> An
     return cfg
 
 
+def _stats(values: list[float]) -> dict[str, Any]:
+    return {
+        "mean": float(np.mean(values)),
+        "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+        "values": values,
+    }
+
+
+PAIRED = ("success_train", "success_heldout", "demo_flow_loss")
+
+
 def aggregate(runs: dict[int, dict[str, Any]], variants: list[str]) -> list[dict[str, Any]]:
+    """Mean and sd over seeds per variant, and, where ``dense`` ran, each variant's
+    per-seed difference from it (``vs_dense``: the seeds share batches, noise and
+    evaluation scenes, so the paired difference is the less noisy comparison)."""
     rows = []
+    find = lambda res, name: next((r for r in res["variants"] if r["variant"] == name), None)
     for name in ["pretrained", *variants]:
-        per_seed = {s: next((r for r in res["variants"] if r["variant"] == name), None) for s, res in runs.items()}
-        per_seed = {s: r for s, r in per_seed.items() if r is not None}
+        per_seed = {s: r for s, res in runs.items() if (r := find(res, name)) is not None}
         if not per_seed:
             continue
         row: dict[str, Any] = {"variant": name, "seeds": sorted(per_seed)}
-        for split in pipeline.SPLITS:
-            values = [r[f"success_{split}"] for r in per_seed.values() if f"success_{split}" in r]
+        for key in PAIRED:
+            values = [r[key] for r in per_seed.values() if r.get(key) is not None]
             if values:
-                row[f"success_{split}"] = {
-                    "mean": float(np.mean(values)),
-                    "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-                    "values": values,
-                }
-        losses = [r["demo_flow_loss"] for r in per_seed.values() if r.get("demo_flow_loss") is not None]
-        if losses:
-            row["demo_flow_loss"] = {
-                "mean": float(np.mean(losses)),
-                "std": float(np.std(losses, ddof=1)) if len(losses) > 1 else 0.0,
-                "values": losses,
-            }
+                row[key] = _stats(values)
+        if name != "dense":
+            diffs = {}
+            pairs = [(r, find(runs[s], "dense")) for s, r in per_seed.items()]
+            for key in PAIRED:
+                values = [r[key] - d[key] for r, d in pairs if d is not None and None not in (r.get(key), d.get(key))]
+                if values:
+                    diffs[key] = _stats(values)
+            if diffs:
+                row["vs_dense"] = diffs
         any_row = next(iter(per_seed.values()))
         row["params_total"], row["params_active"] = any_row["params_total"], any_row["params_active"]
         row["latency_ms"] = float(np.median([r["latency_ms"] for r in per_seed.values()]))
@@ -98,13 +110,13 @@ def aggregate(runs: dict[int, dict[str, Any]], variants: list[str]) -> list[dict
 
 
 def to_markdown(rows: list[dict[str, Any]], seeds: list[int]) -> str:
-    def cell(row: dict[str, Any], split: str) -> str:
-        s = row.get(f"success_{split}")
+    def cell(s: dict[str, Any] | None, percent: bool = True, sign: str = "") -> str:
         if s is None:
             return "-"
+        scale, fmt, unit = (100, ".1f", "%") if percent else (1, ".4f", "")
         if len(s["values"]) == 1:
-            return f"{100 * s['mean']:.1f}% (1 seed)"
-        return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}%"
+            return f"{scale * s['mean']:{sign}{fmt}}{unit} (1 seed)"
+        return f"{scale * s['mean']:{sign}{fmt}} ± {scale * s['std']:{fmt}}{unit}"
 
     lines = [
         f"Success: mean ± sd over seeds {', '.join(map(str, seeds))}.",
@@ -115,12 +127,24 @@ def to_markdown(rows: list[dict[str, Any]], seeds: list[int]) -> str:
     ]
     for r in rows:
         params = f"{r['params_total'] / 1e6:.2f} M / {r['params_active'] / 1e6:.2f} M"
-        loss = r.get("demo_flow_loss")
-        loss = "-" if loss is None else f"{loss['mean']:.4f} ± {loss['std']:.4f}"
-        lines.append(
-            f"| {r['variant']} | {params} | {cell(r, 'train')} | {cell(r, 'heldout')} | {r['latency_ms']:.1f} ms "
-            f"| {loss} |"
-        )
+        train, heldout = cell(r.get("success_train")), cell(r.get("success_heldout"))
+        loss = cell(r.get("demo_flow_loss"), percent=False)
+        lines.append(f"| {r['variant']} | {params} | {train} | {heldout} | {r['latency_ms']:.1f} ms | {loss} |")
+    paired = [r for r in rows if "vs_dense" in r]
+    if paired:
+        lines += [
+            "",
+            "Against dense, seed by seed (the variant's result minus dense's in the same seed: same batches, "
+            "noise and scenes), mean ± sd over seeds:",
+            "",
+            "| variant | success, train phrasing | success, held-out phrasing | flow loss, demo frames |",
+            "|---|---:|---:|---:|",
+        ]
+        for r in paired:
+            d = r["vs_dense"]
+            cells = [cell(d.get("success_train"), sign="+"), cell(d.get("success_heldout"), sign="+")]
+            cells.append(cell(d.get("demo_flow_loss"), percent=False, sign="+"))
+            lines.append(f"| {r['variant']} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -131,7 +155,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     for offset, split, hatch in ((-0.18, "train", None), (0.18, "heldout", "//")):
         means = [100 * r.get(f"success_{split}", {}).get("mean", np.nan) for r in rows]
         stds = [100 * r.get(f"success_{split}", {}).get("std", 0.0) for r in rows]
-        colors = [pipeline.color(r["variant"]) for r in rows]
+        pal = pipeline.palette([r["variant"] for r in rows])
+        colors = [pal[r["variant"]] for r in rows]
         ax.bar(x + offset, means, 0.36, yerr=stds, capsize=3, color=colors, hatch=hatch, label=f"{split} phrasing")
         for i, r in enumerate(rows):
             values = r.get(f"success_{split}", {}).get("values", [])

@@ -159,3 +159,32 @@ def test_variant_names_are_checked_against_the_known_kinds(demo):
         demo.parse_variant("adamoe-warm", "paper")
     with pytest.raises(SystemExit, match="variant 'dense-paper'"):
         demo.main(["--quick", "--variants", "dense-paper"])
+
+
+def test_experiment_aggregates_seeds_and_pairs_each_variant_with_dense_in_the_same_seed():
+    experiment = load_script("experiment")
+
+    def row(variant, train, heldout, loss):
+        return {
+            "variant": variant,
+            "params_total": 10,
+            "params_active": 5,
+            "latency_ms": 1.0,
+            "success_train": train,
+            "success_heldout": heldout,
+            "demo_flow_loss": loss,
+        }
+
+    runs = {
+        0: {"variants": [row("pretrained", 0.1, None, 0.3), row("dense", 0.2, 0.1, 0.20), row("thor", 0.3, 0.1, 0.21)]},
+        1: {"variants": [row("dense", 0.4, 0.2, 0.18), row("thor", 0.6, 0.2, 0.18)]},
+    }
+    rows = {r["variant"]: r for r in experiment.aggregate(runs, ["dense", "thor"])}
+    thor = rows["thor"]
+    assert thor["success_train"]["mean"] == pytest.approx(0.45)
+    assert thor["vs_dense"]["success_train"]["values"] == pytest.approx([0.1, 0.2])  # seed by seed
+    assert thor["vs_dense"]["demo_flow_loss"]["mean"] == pytest.approx(0.005)
+    assert "vs_dense" not in rows["dense"] and "success_heldout" not in rows["pretrained"]
+    table = experiment.to_markdown(list(rows.values()), [0, 1])
+    assert "| thor | +15.0 ± 7.1% | +0.0 ± 0.0% | +0.0050 ± 0.0071 |" in table
+    assert "| pretrained | 10 / 5 |" not in table and "10.0% (1 seed) | - |" in table
