@@ -34,7 +34,7 @@ dt-merge: setup
 	$(PY) scripts/dt_merge.py
 
 families: setup
-	$(PY) scripts/families.py
+	$(PY) scripts/families.py --eval-episodes 20 --update-readme
 
 bam: setup
 	$(PY) scripts/bam.py
