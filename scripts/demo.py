@@ -589,14 +589,15 @@ def plot_training(cfg: PipelineConfig, path: Path) -> None:
     plt = _plt()
     runs = Path(cfg.output_dir) / "runs"
     colors = palette(["dense_pretrained", *cfg.variants])
+    logged = {n: r for n in colors if (r := _records(runs / n / "metrics.jsonl"))}
     panels = [(["dense_pretrained"], "pretraining (dense)"), (cfg.variants, "fine-tuning")]
-    panels = [(names, title) for names, title in panels if any(_records(runs / n / "metrics.jsonl") for n in names)]
+    panels = [(names, title) for names, title in panels if any(n in logged for n in names)]
     if not panels:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.4), squeeze=False)
     for ax, (names, title) in zip(axes[0], panels, strict=True):
         for name in names:
-            records = _records(runs / name / "metrics.jsonl")
+            records = logged.get(name)
             if not records:
                 continue
             steps = np.array([r["step"] for r in records])

@@ -152,11 +152,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt = pipeline._plt()
     fig, ax = plt.subplots(figsize=(max(7, 0.6 * len(rows) + 2), 3.6))
     x = np.arange(len(rows))
+    pal = pipeline.palette([r["variant"] for r in rows])
+    colors = [pal[r["variant"]] for r in rows]
     for offset, split, hatch in ((-0.18, "train", None), (0.18, "heldout", "//")):
         means = [100 * r.get(f"success_{split}", {}).get("mean", np.nan) for r in rows]
         stds = [100 * r.get(f"success_{split}", {}).get("std", 0.0) for r in rows]
-        pal = pipeline.palette([r["variant"] for r in rows])
-        colors = [pal[r["variant"]] for r in rows]
         ax.bar(x + offset, means, 0.36, yerr=stds, capsize=3, color=colors, hatch=hatch, label=f"{split} phrasing")
         for i, r in enumerate(rows):
             values = r.get(f"success_{split}", {}).get("values", [])
