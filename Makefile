@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo test bench experiment dt-merge families bam collect lint clean
+.PHONY: setup demo test bench pretrain experiment dt-merge families bam collect lint clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ test: setup
 
 bench: setup
 	$(PY) scripts/bench.py
+
+# The shipped base's recipe, from nothing (~1 h on 2 cores); resumable.
+pretrain: setup
+	$(PY) scripts/pretrain.py
 
 experiment: setup
 	$(PY) scripts/experiment.py

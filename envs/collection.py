@@ -1,4 +1,10 @@
-"""Demonstration collection: run scripted experts in the envs and keep every step."""
+"""Demonstration collection: run scripted experts in the envs and keep every step.
+
+Each step records the executed (noisy) action as the Minari ``actions`` and the expert's
+clean action as ``infos["expert_action"]`` (``float32 (steps, 4)``), the label a policy
+learns from (DART: execute noisy, label clean). Scenes in which a cube leaves the table
+are dropped and replaced by fresh ones.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +17,19 @@ from minari.data_collector import EpisodeBuffer
 
 from envs.experts import make_expert
 
+CUBE_OFF_TABLE = "cube_off_table"  # the tabletop env's termination_reason for a broken scene
+
 
 @dataclass(frozen=True)
 class Episode:
     buffer: EpisodeBuffer
     metadata: dict[str, Any]
+    termination_reason: str | None = None  # the last step's info["termination_reason"], if any
+
+    @property
+    def dropped(self) -> bool:
+        """A cube left the table: the scene is broken and collection does not keep it."""
+        return self.termination_reason == CUBE_OFF_TABLE
 
 
 def _stack(observations: list[dict[str, Any]]) -> dict[str, Any]:
@@ -39,15 +53,24 @@ def run_episode(
     noise: float = 0.0,
     random_action_prob: float = 0.0,
 ) -> Episode:
-    """One expert episode from ``env.reset(seed=seed)`` until termination or truncation."""
+    """One expert episode from ``env.reset(seed=seed)`` until termination or truncation.
+
+    An expert without ``act_with_label`` (any object with ``act``) labels each step with
+    the action it executed.
+    """
     expert.reset(seed=seed)
     obs, info = env.reset(seed=seed)
-    observations, actions, rewards, terminations, truncations, successes = [obs], [], [], [], [], []
+    act_with_label = getattr(expert, "act_with_label", None)
+    observations, actions, labels, rewards, terminations, truncations, successes = [obs], [], [], [], [], [], []
     while True:
-        action = expert.act(obs)
+        if act_with_label is not None:
+            action, label = act_with_label(obs)
+        else:
+            action = label = expert.act(obs)
         obs, reward, terminated, truncated, info = env.step(action)
         observations.append(obs)
         actions.append(action)
+        labels.append(label)
         rewards.append(float(reward))
         terminations.append(bool(terminated))
         truncations.append(bool(truncated))
@@ -62,7 +85,10 @@ def run_episode(
         rewards=rewards,
         terminations=terminations,
         truncations=truncations,
-        infos={"is_success": np.array(successes)},
+        infos={
+            "is_success": np.array(successes),
+            "expert_action": np.stack(labels).astype(np.float32).reshape(len(labels), -1),
+        },
     )
     metadata = {
         "env_id": env.spec.id if env.spec is not None else "",
@@ -74,7 +100,7 @@ def run_episode(
         "return": float(np.sum(rewards)),
         "length": len(actions),
     }
-    return Episode(buffer, metadata)
+    return Episode(buffer, metadata, info.get("termination_reason"))
 
 
 def collect(
@@ -84,7 +110,8 @@ def collect(
     random_action_prob: float = 0.0,
     env_kwargs: dict[str, Any] | None = None,
 ) -> list[Episode]:
-    """Expert episodes on ``env_id``, one per seed (episode ids are left for the writer)."""
+    """Expert episodes on ``env_id``, one per seed, dropped scenes included (episode ids are
+    left for the writer)."""
     import envs  # noqa: F401  (registers the ids, also in worker processes)
 
     env = gym.make(env_id, **(env_kwargs or {}))
@@ -113,6 +140,51 @@ class CollectionJob:
     jpeg: bool = False
     overwrite: bool = False
     chunk_size: int = 10  # episodes per unit of work handed to a worker
+    max_retries: int = 5  # per episode: fresh scenes tried after a cube left the table, before giving up
+
+
+# Scene seed blocks (see scene_seed); each bound keeps one block inside the next.
+MAX_TASKS = 100  # per suite
+MAX_NOISE_LEVELS = 10
+SEEDS_PER_LEVEL = 100_000  # per task and noise level: its episodes and their replacements
+
+
+def scene_seed(job_seed: int, task_index: int, level: int, index: int) -> int:
+    """The ``env.reset`` seed of scene ``index`` of task ``task_index`` at noise level ``level``.
+
+    All tabletop tasks draw from one scene distribution (they differ only by the
+    instruction), so tasks sharing seeds would show a policy the same few scenes under
+    every instruction, and levels sharing seeds would repeat them at every noise level.
+    Here every (job seed, task, level, index) has its own scene, and every seed is at
+    least 10**8, far above the evaluation seeds (``policies/evaluation.py`` draws
+    ``EvalConfig.seed + 1000 * task + i`` from 100_000), so no demonstration scene is
+    ever an evaluation scene::
+
+        100_000_000 * (job_seed + 1) + 1_000_000 * task_index + 100_000 * level + index
+    """
+    bounds = {"job_seed": None, "task_index": MAX_TASKS, "level": MAX_NOISE_LEVELS, "index": SEEDS_PER_LEVEL}
+    values = {"job_seed": job_seed, "task_index": task_index, "level": level, "index": index}
+    for name, bound in bounds.items():
+        value = values[name]
+        if value < 0 or (bound is not None and value >= bound):
+            valid = ">= 0" if bound is None else f"in [0, {bound})"
+            raise ValueError(f"{name} must be {valid}, got {value}")
+    return 100_000_000 * (job_seed + 1) + 1_000_000 * task_index + 100_000 * level + index
+
+
+def task_index(env_id: str) -> int:
+    """``env_id``'s position in its suite (``tabletop`` or ``metaworld``), its index in
+    :func:`scene_seed`.
+
+    Not its position in the job: a rerun that collects only the missing tasks (``make
+    demo`` does) must give each task the scenes a full run would have given it.
+    """
+    from envs.registration import SUITES
+
+    for name in ("tabletop", "metaworld"):
+        if env_id in SUITES[name]:
+            return SUITES[name].index(env_id)
+    raise ValueError(f"no scene seeds for {env_id!r}; valid ids are those of the tabletop and metaworld suites")
 
 
 def dataset_id_for(env_id: str, name: str = "demos") -> str:
@@ -138,13 +210,41 @@ def _env_kwargs(env_id: str, job: CollectionJob) -> dict[str, Any]:
     return kwargs
 
 
-def _collect_unit(unit: tuple[str, list[int], float, float, dict[str, Any]]) -> tuple[str, float, list[Episode]]:
-    env_id, seeds, noise, random_action_prob, kwargs = unit
-    return env_id, noise, collect(env_id, seeds, noise, random_action_prob, kwargs)
+def _collect_unit(unit: tuple[CollectionJob, str, int, list[int]]) -> tuple[str, int, list[Episode], int]:
+    """Episodes ``indices`` of one task at noise level ``level``: ``(env_id, level, kept, dropped)``.
+
+    A dropped scene is replaced by its episode's next seed, index ``i + k *
+    episodes_per_task`` at the k-th retry: never another episode's seed, and the same
+    whichever worker runs which episodes, so a collection is a function of its job.
+    """
+    job, env_id, level, indices = unit
+    noise, task = float(job.noise_levels[level]), task_index(env_id)
+    kwargs = _env_kwargs(env_id, job)
+    kept: list[Episode] = []
+    dropped, pending = 0, list(indices)
+    for attempt in range(job.max_retries + 1):
+        seeds = [scene_seed(job.seed, task, level, i + attempt * job.episodes_per_task) for i in pending]
+        episodes = collect(env_id, seeds, noise, job.random_action_prob, kwargs)
+        kept.extend(ep for ep in episodes if not ep.dropped)
+        pending = [i for i, ep in zip(pending, episodes, strict=True) if ep.dropped]
+        dropped += len(pending)
+        if not pending:
+            return env_id, level, kept, dropped
+    i = pending[0]
+    tried = [scene_seed(job.seed, task, level, i + k * job.episodes_per_task) for k in range(job.max_retries + 1)]
+    raise RuntimeError(
+        f"{env_id} at noise {noise}: a cube left the table in all {len(tried)} scenes tried for episode {i} "
+        f"(seeds {tried}); lower the noise or raise max_retries (now {job.max_retries})"
+    )
 
 
 def run_collection(job: CollectionJob, progress: bool = True) -> dict[str, Any]:
-    """Collect every task of ``job`` and write its datasets; returns a per-dataset summary."""
+    """Collect every task of ``job`` and write its datasets; returns a per-dataset summary.
+
+    Episodes whose scene broke (a cube left the table) are not kept: each is replaced by
+    a fresh scene, and the summary counts them as ``dropped`` (per dataset and per noise
+    level).
+    """
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
@@ -157,8 +257,21 @@ def run_collection(job: CollectionJob, progress: bool = True) -> dict[str, Any]:
         raise ValueError(f"episodes_per_task must be >= 1, got {job.episodes_per_task}")
     if not job.noise_levels or any(n < 0 for n in job.noise_levels):
         raise ValueError(f"noise levels must be a non-empty list of values >= 0, got {list(job.noise_levels)}")
+    if len(job.noise_levels) > MAX_NOISE_LEVELS:
+        raise ValueError(f"at most {MAX_NOISE_LEVELS} noise levels per job, got {len(job.noise_levels)}")
+    if job.seed < 0:
+        raise ValueError(f"seed must be >= 0, got {job.seed}")
+    if job.max_retries < 0:
+        raise ValueError(f"max_retries must be >= 0, got {job.max_retries}")
+    if job.episodes_per_task * (job.max_retries + 1) > SEEDS_PER_LEVEL:
+        raise ValueError(
+            f"episodes_per_task * (max_retries + 1) must be <= {SEEDS_PER_LEVEL} (the scene seeds of a task and "
+            f"noise level), got {job.episodes_per_task} * {job.max_retries + 1}"
+        )
     env_ids = resolve_env_ids(job.env_ids)
     ids = {env_id: dataset_id_for(env_id, job.dataset_name) for env_id in env_ids}
+    for env_id in env_ids:
+        task_index(env_id)  # raises before any work for an env without scene seeds
     existing = [d for d in ids.values() if dataset_path(d, job.root).exists()]
     if existing and not job.overwrite:
         raise FileExistsError(f"datasets already exist: {existing}; pass --overwrite to replace them")
@@ -166,31 +279,29 @@ def run_collection(job: CollectionJob, progress: bool = True) -> dict[str, Any]:
 
     units = []
     for env_id in env_ids:
-        for level, noise in enumerate(job.noise_levels):
-            # The same scene seeds at every noise level, so levels differ only by the expert.
-            seeds = [job.seed * 1_000_000 + level * 100_000 + i for i in range(job.episodes_per_task)]
-            for start in range(0, len(seeds), job.chunk_size):
-                chunk = seeds[start : start + job.chunk_size]
-                units.append((env_id, chunk, float(noise), job.random_action_prob, _env_kwargs(env_id, job)))
-    pending = {env_id: sum(1 for u in units if u[0] == env_id) for env_id in env_ids}
+        for level in range(len(job.noise_levels)):
+            for start in range(0, job.episodes_per_task, job.chunk_size):
+                indices = list(range(start, min(start + job.chunk_size, job.episodes_per_task)))
+                units.append((job, env_id, level, indices))
+    pending = {env_id: sum(1 for u in units if u[1] == env_id) for env_id in env_ids}
     results: dict[str, list[tuple[int, Episode]]] = {env_id: [] for env_id in env_ids}
+    dropped = {env_id: [0] * len(job.noise_levels) for env_id in env_ids}
     summary: dict[str, Any] = {}
-    bar = tqdm(total=len(units) * job.chunk_size, desc="collect", unit="ep", disable=not progress)
-    bar.total = sum(len(u[1]) for u in units)
+    bar = tqdm(total=sum(len(u[3]) for u in units), desc="collect", unit="ep", disable=not progress)
 
-    def finish(env_id: str, noise: float, episodes: list[Episode]) -> None:
-        level = job.noise_levels.index(noise)
+    def finish(env_id: str, level: int, episodes: list[Episode], n_dropped: int) -> None:
         results[env_id].extend((level, ep) for ep in episodes)
+        dropped[env_id][level] += n_dropped
         bar.update(len(episodes))
         pending[env_id] -= 1
         if pending[env_id] == 0:
             ordered = [ep for _, ep in sorted(results.pop(env_id), key=lambda x: (x[0], x[1].buffer.seed))]
-            summary[ids[env_id]] = _write(env_id, ids[env_id], ordered, job, write_dataset)
+            summary[ids[env_id]] = _write(env_id, ids[env_id], ordered, dropped.pop(env_id), job, write_dataset)
 
     if job.workers > 1 and len(units) > 1:
         with ProcessPoolExecutor(job.workers, mp_context=get_context("spawn")) as pool:
-            for env_id, noise, episodes in pool.map(_collect_unit, units):
-                finish(env_id, noise, episodes)
+            for result in pool.map(_collect_unit, units):
+                finish(*result)
     else:
         for unit in units:
             finish(*_collect_unit(unit))
@@ -198,7 +309,9 @@ def run_collection(job: CollectionJob, progress: bool = True) -> dict[str, Any]:
     return summary
 
 
-def _write(env_id: str, dataset_id: str, episodes: list[Episode], job: CollectionJob, write_dataset) -> dict[str, Any]:
+def _write(
+    env_id: str, dataset_id: str, episodes: list[Episode], dropped: list[int], job: CollectionJob, write_dataset
+) -> dict[str, Any]:
     import envs  # noqa: F401
 
     env = gym.make(env_id, **_env_kwargs(env_id, job))
@@ -217,13 +330,19 @@ def _write(env_id: str, dataset_id: str, episodes: list[Episode], job: Collectio
         )
     finally:
         env.close()
-    by_noise = {}
-    for noise in job.noise_levels:
+    by_noise: dict[str, dict[str, Any]] = {}
+    for level, noise in enumerate(job.noise_levels):
         eps = [ep.metadata for ep in episodes if ep.metadata["noise"] == noise]
         by_noise[str(noise)] = {
             "episodes": len(eps),
+            "dropped": dropped[level],
             "success_rate": float(np.mean([m["success"] for m in eps])),
             "mean_return": float(np.mean([m["return"] for m in eps])),
             "mean_length": float(np.mean([m["length"] for m in eps])),
         }
-    return {"env_id": env_id, "steps": int(sum(ep.metadata["length"] for ep in episodes)), "by_noise": by_noise}
+    return {
+        "env_id": env_id,
+        "steps": int(sum(ep.metadata["length"] for ep in episodes)),
+        "dropped": int(sum(dropped)),
+        "by_noise": by_noise,
+    }

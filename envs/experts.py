@@ -4,6 +4,12 @@
 ``reset()`` and ``act(obs) -> action``; noise is Gaussian on every action dimension
 (standard deviation ``noise``) plus, optionally, a probability of a uniformly random
 action, so demonstrations can span a range of quality.
+
+``act_with_label(obs) -> (executed, clean)`` also returns the noise-free action the
+expert meant in that state. Collection executes the noisy action and records the clean
+one as the label (DART, Laskey et al. 2017): the noise shows a policy the states it
+will drift into, and the label says how to recover from them, instead of teaching it to
+imitate the noise.
 """
 
 from __future__ import annotations
@@ -25,7 +31,11 @@ def move_towards(grip: np.ndarray, target: np.ndarray, gripper: float, gain: flo
 
 
 class ScriptedExpert:
-    """Base of every scripted expert: a clean action from ``_clean_action`` plus noise."""
+    """Base of every scripted expert: a clean action from ``_clean_action`` plus noise.
+
+    ``_clean_action`` runs exactly once per step (a phase machine advances in it), so
+    ``act`` and ``act_with_label`` are the two views of one step, never called together.
+    """
 
     def __init__(self, noise: float = 0.0, random_action_prob: float = 0.0, seed: int | None = None):
         if noise < 0:
@@ -41,12 +51,19 @@ class ScriptedExpert:
             self.rng = np.random.default_rng(seed)
 
     def act(self, obs: dict) -> np.ndarray:
+        """The action to execute: the clean action with this expert's noise."""
+        return self.act_with_label(obs)[0]
+
+    def act_with_label(self, obs: dict) -> tuple[np.ndarray, np.ndarray]:
+        """``(executed, clean)``: the noisy action to execute and the noise-free one, both
+        ``float32 (4,)`` in the action space; equal when the expert has no noise."""
         action = self._clean_action(obs)
+        clean = np.clip(action, -1.0, 1.0).astype(np.float32)
         if self.random_action_prob and self.rng.random() < self.random_action_prob:
             action = self.rng.uniform(-1.0, 1.0, size=4)
         elif self.noise:
             action = action + self.rng.normal(0.0, self.noise, size=4)
-        return np.clip(action, -1.0, 1.0).astype(np.float32)
+        return np.clip(action, -1.0, 1.0).astype(np.float32), clean
 
     def _clean_action(self, obs: dict) -> np.ndarray:
         raise NotImplementedError

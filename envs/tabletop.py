@@ -39,6 +39,9 @@ CUBE_REGION = ((-0.16, 0.16), (-0.13, 0.05))
 PAD_REGIONS = {"yellow": ((-0.2, -0.08), (0.1, 0.18)), "purple": ((0.08, 0.2), (0.1, 0.18))}
 MIN_CUBE_SEPARATION = 0.09  # centre to centre: room for the fingers between any two cubes
 GRIP_START = ((-0.05, 0.05), (-0.16, -0.12), (0.13, 0.17))
+# A cube resting on the table has its centre at z = CUBE_HALF; one whose centre sinks this
+# far below the table top has fallen off its edge (a tilted cube on the table stays above 0).
+OFF_TABLE_DROP = 0.05
 
 
 def load_scene() -> mujoco.MjModel:
@@ -56,8 +59,16 @@ class TabletopEnv(gym.Env):
 
     Reward: ``progress - 1`` with the task's shaped progress in [0, 1], so every step
     before success costs something and the return rewards solving the task quickly. The
-    episode terminates on success (unless ``terminate_on_success=False``); the step limit
-    comes from the registered ``max_episode_steps``.
+    episode terminates on success (unless ``terminate_on_success=False``) and when a cube
+    leaves the table (its centre more than ``OFF_TABLE_DROP`` below the table top, or
+    outside the table top's x/y extent): no task can be solved from there, and a
+    demonstration of it teaches nothing. The step limit comes from the registered
+    ``max_episode_steps``.
+
+    Every step's info holds ``termination_reason``: ``None`` while the episode goes on
+    (truncation included), else ``"cube_off_table"`` or ``"success"``. A cube off the
+    table names the termination even on a step that also succeeds, so a collector that
+    drops such scenes drops them all.
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": int(round(1.0 / (0.005 * FRAME_SKIP)))}
@@ -100,6 +111,9 @@ class TabletopEnv(gym.Env):
         self._finger_qpos = [m.jnt_qposadr[m.joint(f"finger_{s}").id] for s in ("left", "right")]
         self._grip_site = m.site("grip").id
         self._mocap = m.body_mocapid[m.body("mocap").id]
+        table = m.geom("table")  # a box: pos is its centre, size its half extents
+        self._table_xy = (table.pos[:2] - table.size[:2], table.pos[:2] + table.size[:2])  # (low, high)
+        self._table_top = float(table.pos[2] + table.size[2])
 
         obs_spaces: dict[str, spaces.Space] = {}
         if self.cameras:
@@ -160,8 +174,22 @@ class TabletopEnv(gym.Env):
         state = self.scene_state()
         progress = self.task.progress(state)
         success = progress >= 1.0
-        terminated = bool(success and self.terminate_on_success)
-        return self._observation(), float(progress - 1.0), terminated, False, self._info(state, success)
+        reason = None
+        if self.cube_off_table():
+            reason = "cube_off_table"
+        elif success and self.terminate_on_success:
+            reason = "success"
+        info = {**self._info(state, success), "termination_reason": reason}
+        return self._observation(), float(progress - 1.0), reason is not None, False, info
+
+    def cube_off_table(self) -> bool:
+        """Some cube's centre is below the table top by ``OFF_TABLE_DROP`` or outside its x/y extent."""
+        low, high = self._table_xy
+        for body in self._cube_body:
+            pos = self.data.xpos[body]
+            if pos[2] < self._table_top - OFF_TABLE_DROP or np.any(pos[:2] < low) or np.any(pos[:2] > high):
+                return True
+        return False
 
     def scene_state(self) -> SceneState:
         return SceneState.from_arrays(self._agent_pos(), self._environment_state())

@@ -4,6 +4,7 @@ the next H actions (padded and masked past the episode's end), plus image augmen
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +16,10 @@ from tqdm.auto import tqdm
 from envs.datasets import episode_metadata, load_dataset
 from policies.normalize import feature_stats
 
+LABELS = ("expert", "executed")
+BALANCES = (None, "task")
+EXPERT_ACTION = "expert_action"  # the per-step infos key collection stores the clean label under
+
 
 class ChunkDataset:
     """Every frame of one or more Minari datasets, held in memory.
@@ -23,6 +28,15 @@ class ChunkDataset:
     instruction of an episode is its observations' ``instruction`` (or, failing that, the
     episode metadata's). A frame's action chunk is ``actions[t : t + chunk_size]``; steps
     past the episode's end repeat its last action and are flagged in ``action_is_pad``.
+
+    ``label``: which actions the chunks (and the ``action`` statistics) hold. ``"expert"``
+    (default) takes the expert's clean action recorded per step in
+    ``infos["expert_action"]``: demonstrations execute a noisy action so they visit the
+    states a policy drifts into, and the clean label says how to recover (DART), where the
+    executed action would teach the noise. A dataset without the label (any other Minari
+    dataset) falls back to its executed actions, with a warning. ``"executed"`` always
+    takes the executed actions. ``actions`` holds the label trained on,
+    ``executed_actions`` the executed ones.
     """
 
     def __init__(
@@ -32,20 +46,25 @@ class ChunkDataset:
         cameras: Sequence[str] = (),
         root: str | os.PathLike | None = None,
         progress: bool = True,
+        label: str = "expert",
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if label not in LABELS:
+            raise ValueError(f"label={label!r}; valid labels are {LABELS}")
         datasets = [datasets] if isinstance(datasets, (str, os.PathLike)) else list(datasets)
         if not datasets:
             raise ValueError("ChunkDataset needs at least one dataset")
         self.chunk_size = chunk_size
         self.cameras = tuple(cameras)
+        self.label = label
         images: dict[str, list[np.ndarray]] = {c: [] for c in self.cameras}
-        states, actions, tasks, starts, ends, episode_tasks, scenes = [], [], [], [], [], [], []
+        states, actions, executed, tasks, starts, ends, episode_tasks, scenes = [], [], [], [], [], [], [], []
         frames = 0
         for source in tqdm(datasets, desc="load datasets", unit="ds", disable=not progress):
             ds = source if isinstance(source, minari.MinariDataset) else load_dataset(source, root)
             metas = episode_metadata(ds)
+            unlabelled = 0
             for episode, meta in zip(ds.iterate_episodes(), metas, strict=True):
                 obs = episode.observations
                 length = len(episode.actions)
@@ -60,17 +79,31 @@ class ChunkDataset:
                 states.append(np.asarray(_state(obs, ds.id)[:length], dtype=np.float32))
                 if isinstance(obs, dict) and "environment_state" in obs:
                     scenes.append(np.asarray(obs["environment_state"][:length], dtype=np.float32))
-                actions.append(np.asarray(episode.actions, dtype=np.float32).reshape(length, -1))
+                done = np.asarray(episode.actions, dtype=np.float32).reshape(length, -1)
+                executed.append(done)
+                if label == "expert":
+                    expert = _expert_action(episode, done.shape, ds.id)
+                    unlabelled += expert is None
+                    actions.append(done if expert is None else expert)
+                else:
+                    actions.append(done)
                 tasks.append(_instruction(obs, meta, ds.id))
                 episode_tasks.append(meta.get("task", ds.id))
                 starts.append(frames)
                 frames += length
                 ends.append(frames)
+            if unlabelled:
+                warnings.warn(
+                    f"dataset {ds.id!r} has no infos[{EXPERT_ACTION!r}] in {unlabelled} episode(s): "
+                    "falling back to the executed actions as labels there",
+                    stacklevel=2,
+                )
         if frames == 0:
             raise ValueError(f"datasets {datasets} hold no steps")
         self.images = {c: np.concatenate(v) for c, v in images.items()}
         self.state = np.concatenate(states)
-        self.actions = np.concatenate(actions)
+        self.actions = np.concatenate(actions)  # the label trained on
+        self.executed_actions = np.concatenate(executed)
         # Privileged object state, when every episode has it: a training target only.
         self.environment_state = np.concatenate(scenes) if len(scenes) == len(states) else None
         self.episode_instruction = tasks
@@ -78,6 +111,24 @@ class ChunkDataset:
         lengths = np.array(ends) - np.array(starts)
         self.frame_episode = np.repeat(np.arange(len(starts)), lengths)
         self.frame_end = np.repeat(np.array(ends), lengths)
+        # Frames grouped by task, for task-balanced sampling.
+        task_names, episode_task_ids = np.unique(np.array(episode_tasks, dtype=object), return_inverse=True)
+        frame_task = episode_task_ids[self.frame_episode]
+        self._task_frames = np.argsort(frame_task, kind="stable")
+        self._task_counts = np.bincount(frame_task, minlength=len(task_names))
+        self._task_starts = np.cumsum(self._task_counts) - self._task_counts
+        self.frame_features: dict[str, np.ndarray] = {}
+
+    def attach_frame_features(self, features: dict[str, np.ndarray], drop_images: bool = True) -> None:
+        """Per-frame arrays (``(len(self), ...)``) that ``get`` adds to every batch under their
+        keys: a frozen encoder's outputs, computed once instead of at every step. With
+        ``drop_images`` the images are released and batches no longer carry them."""
+        for key, value in features.items():
+            if len(value) != len(self):
+                raise ValueError(f"frame feature {key!r} has {len(value)} rows, the dataset {len(self)} frames")
+        self.frame_features.update(features)
+        if drop_images:
+            self.images = {}
 
     def __len__(self) -> int:
         return len(self.state)
@@ -87,6 +138,7 @@ class ChunkDataset:
         return len(self.episode_instruction)
 
     def stats(self) -> dict[str, dict[str, np.ndarray]]:
+        """Normalisation statistics; ``action``'s are those of the label trained on."""
         stats = {"observation.state": feature_stats(self.state), "action": feature_stats(self.actions)}
         if self.environment_state is not None:
             stats["observation.environment_state"] = feature_stats(self.environment_state)
@@ -108,14 +160,32 @@ class ChunkDataset:
             batch["observation.environment_state"] = torch.from_numpy(self.environment_state[indices])
         for camera, frames in self.images.items():
             batch[f"observation.images.{camera}"] = torch.from_numpy(frames[indices]).permute(0, 3, 1, 2).float() / 255
+        for key, values in self.frame_features.items():
+            batch[key] = torch.from_numpy(values[indices])
         return batch
 
-    def sample(self, batch_size: int, rng: np.random.Generator, shift: int = 0) -> dict[str, Any]:
-        """A uniformly random batch; ``shift > 0`` augments images by random shifts of up to that many pixels."""
-        batch = self.get(rng.integers(0, len(self), size=batch_size))
+    def sample(
+        self, batch_size: int, rng: np.random.Generator, shift: int = 0, balance: str | None = None
+    ) -> dict[str, Any]:
+        """A random batch; ``shift > 0`` augments images by random shifts of up to that many pixels.
+
+        ``balance=None`` draws frames uniformly, so a task with more (or longer) episodes
+        is seen more often; ``balance="task"`` draws a task uniformly (an episode's task is
+        ``episode_task``), then a frame uniformly within it, so every task gets an equal
+        share of the gradient whatever its dataset's size.
+        """
+        if balance not in BALANCES:
+            raise ValueError(f"balance={balance!r}; valid choices are {BALANCES}")
+        if balance == "task":
+            tasks = rng.integers(0, len(self._task_counts), size=batch_size)
+            offsets = rng.integers(0, self._task_counts[tasks])
+            indices = self._task_frames[self._task_starts[tasks] + offsets]
+        else:
+            indices = rng.integers(0, len(self), size=batch_size)
+        batch = self.get(indices)
         if shift > 0:
             seed = int(rng.integers(1 << 62))
-            for camera in self.cameras:
+            for camera in self.images:
                 key = f"observation.images.{camera}"
                 batch[key] = random_shift(batch[key], shift, torch.Generator().manual_seed(seed))
                 seed += 1
@@ -132,6 +202,20 @@ def random_shift(images: torch.Tensor, pad: int, generator: torch.Generator | No
     cols = (dx[:, None] + torch.arange(w))[:, None, :]  # (N, 1, W)
     out = padded[torch.arange(n)[:, None, None], :, rows, cols]  # (N, H, W, C)
     return out.permute(0, 3, 1, 2).contiguous()
+
+
+def _expert_action(episode: Any, shape: tuple[int, int], dataset_id: str) -> np.ndarray | None:
+    """The episode's recorded clean label, ``float32`` of the executed actions' ``shape``, or None."""
+    infos = episode.infos if isinstance(episode.infos, dict) else {}
+    if EXPERT_ACTION not in infos:
+        return None
+    label = np.asarray(infos[EXPERT_ACTION], dtype=np.float32)
+    if label.reshape(len(label), -1).shape != shape:
+        raise ValueError(
+            f"dataset {dataset_id!r} episode {episode.id}: infos[{EXPERT_ACTION!r}] has shape {label.shape}, "
+            f"its actions {shape}; pass label='executed' to train on the executed actions"
+        )
+    return label.reshape(shape)
 
 
 def _state(obs: Any, dataset_id: str) -> np.ndarray:

@@ -21,7 +21,8 @@ from envs.registration import METAWORLD_PREFIX, TABLETOP_PREFIX, make_vector_env
 @dataclass
 class EvalConfig:
     episodes_per_task: int = 20
-    # Evaluation scenes come from seeds no demonstration used (collection seeds start at 0).
+    # Evaluation scenes come from seeds no demonstration used (collection seeds start at
+    # 10**8: envs.collection.scene_seed).
     seed: int = 100_000
     instruction_split: str = "train"  # "heldout": the paraphrases no training episode used
     max_envs: int = 25  # envs stepped as one batch (one chunk inference serves them all)

@@ -209,13 +209,19 @@ def train(
     config: TrainConfig,
     output_dir: str | os.PathLike,
     resume: bool = True,
+    stop_at: int | None = None,
 ) -> dict[str, Any]:
     """Train ``policy`` on ``dataset`` (anything with ``sample(batch_size, rng, shift)``).
 
-    Resumes from ``output_dir/checkpoints/last`` when it exists and ``resume``. Returns a
+    Resumes from ``output_dir/checkpoints/last`` when it exists and ``resume``. ``stop_at``
+    pauses at that step (saving a checkpoint) on the schedule of ``config.steps``, so a
+    caller can evaluate along the way and call again to carry on exactly. Returns a
     summary (steps, final loss, wall time, checkpoint path).
     """
     config.validate()
+    end = config.steps if stop_at is None else min(stop_at, config.steps)
+    if end < 1:
+        raise ValueError(f"stop_at must be >= 1, got {stop_at!r}")
     device = resolve_device(config.device)
     rank, world = init_distributed(device)
     if config.batch_size % world:
@@ -250,7 +256,7 @@ def train(
     began, last_log, samples = time.perf_counter(), time.perf_counter(), 0
     loss_value, step = float("nan"), start
     bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not (is_main and config.progress))
-    for step in range(start, config.steps):
+    for step in range(start, end):
         factor = lr_factor(step, config)
         for group in optimizer.param_groups:
             group["lr"] = config.lr * factor * group["lr_scale"]
@@ -291,7 +297,7 @@ def train(
             flag = torch.tensor([float(out_of_time)], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             out_of_time = bool(flag.item())
-        if is_main and (done % config.save_every == 0 or done == config.steps or out_of_time):
+        if is_main and (done % config.save_every == 0 or done == end or out_of_time):
             save_checkpoint(checkpoint, policy, optimizer, done, rng, ema, config)
             plot_metrics(metrics_path, out / "loss.png")
         if out_of_time:
@@ -303,7 +309,7 @@ def train(
         _copy_into(policy, ema)  # hand back the weights that were saved
     policy.eval()
     return {
-        "steps": step + 1 if config.steps > start else start,
+        "steps": step + 1 if end > start else start,
         "final_loss": loss_value,
         "wall_s": time.perf_counter() - began,
         "checkpoint": str(checkpoint / "pretrained_model"),

@@ -23,6 +23,7 @@ SECTIONS = {
     "envs": "bench_envs",
     "moe": "bench_moe",
     "vla": "bench_vla",
+    "perception": "bench_perception",
     "fisher": "bench_fisher",
     "control": "bench_control",
 }

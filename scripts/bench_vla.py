@@ -1,4 +1,5 @@
-"""``predict_action_chunk`` latency of the VLA policy: batch 1, 10 denoising steps.
+"""The VLA policy's speed: ``predict_action_chunk`` latency (batch 1, 10 denoising steps)
+and training throughput.
 
 The ``small`` preset (the default policy), dense and upcycled to AdaMoE (4 experts, top-1,
 one shared expert), each with the prefix's keys and values cached once per chunk and
@@ -26,6 +27,10 @@ def _batch(policy: VLAPolicy) -> dict:
 
 
 def run(repeats: int = 5, quick: bool = False) -> list[dict]:
+    return run_chunk(repeats, quick) + run_training(repeats, quick)
+
+
+def run_chunk(repeats: int = 5, quick: bool = False) -> list[dict]:
     torch.manual_seed(0)
     dense = VLAPolicy(vla_config("small", num_inference_steps=STEPS)).eval()
     moe = VLAPolicy(vla_config("small", num_inference_steps=STEPS))
@@ -75,4 +80,93 @@ def run(repeats: int = 5, quick: bool = False) -> list[dict]:
                 "unit": "x",
             }
         )
+    return rows
+
+
+def _train_step_rate(policy: VLAPolicy, sample, steps: int) -> float:
+    """Samples per second of full training steps (forward, backward, AdamW) on ``sample()``."""
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-4)
+    policy.train()
+    batch = sample()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss, _ = policy(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        batch = sample()
+    return steps * len(batch["task"]) / (time.perf_counter() - start)
+
+
+def run_training(repeats: int = 5, quick: bool = False, batch_size: int = 64) -> list[dict]:
+    """Training throughput, side by side: the end-to-end conv stem on images (with the
+    random-shift augmentation it trains with) against the recipe's model, whose frozen
+    scene encoder's outputs are cached per frame (``perception.encode_frames``)."""
+    from policies.data import random_shift
+    from policies.vla.perception import encode_frames
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    conv = VLAPolicy(vla_config("small", vision="conv"))
+    scene = VLAPolicy(vla_config("small"))
+    frames = 512
+    c = scene.config
+    images = {cam: torch.rand(frames, 3, c.image_size, c.image_size) for cam in c.cameras}
+    state = torch.randn(frames, c.state_dim) * 0.1
+    tasks = [f"put the {colour} cube on the yellow pad" for colour in ("red", "green", "blue")] * (frames // 3 + 1)
+
+    def rows_at(idx: np.ndarray, with_images: bool) -> dict:
+        batch = {
+            "observation.state": state[idx],
+            "task": [tasks[i] for i in idx],
+            "action": torch.rand(len(idx), c.chunk_size, c.action_dim) * 2 - 1,
+            "action_is_pad": torch.zeros(len(idx), c.chunk_size, dtype=torch.bool),
+        }
+        if with_images:
+            batch |= {f"observation.images.{cam}": images[cam][idx] for cam in c.cameras}
+        return batch
+
+    cached = encode_frames(scene, lambda idx: rows_at(idx, True), frames)
+
+    def conv_sample() -> dict:
+        batch = rows_at(rng.integers(0, frames, batch_size), True)
+        for cam in c.cameras:
+            batch[f"observation.images.{cam}"] = random_shift(batch[f"observation.images.{cam}"], 4)
+        return batch
+
+    def scene_sample() -> dict:
+        idx = rng.integers(0, frames, batch_size)
+        return rows_at(idx, False) | {k: torch.from_numpy(v[idx]) for k, v in cached.items()}
+
+    cases = {
+        "small, vision=conv (end-to-end stem, images)": (conv, conv_sample),
+        "small, vision=scene (recipe: frozen encoder, cached outputs)": (scene, scene_sample),
+    }
+    steps = 3 if quick else 12
+    rates: dict[str, list[float]] = {name: [] for name in cases}
+    for policy, sample in cases.values():
+        _train_step_rate(policy, sample, 2)  # warm-up
+    for _ in range(repeats):
+        for name, (policy, sample) in cases.items():
+            rates[name].append(_train_step_rate(policy, sample, steps))
+    rows = [
+        {
+            "benchmark": "vla_train",
+            "case": f"{name}, batch {batch_size}",
+            "metric": "samples_per_s",
+            "value": float(np.median(values)),
+            "unit": "samples/s",
+        }
+        for name, values in rates.items()
+    ]
+    conv_rate, scene_rate = (float(np.median(v)) for v in rates.values())
+    rows.append(
+        {
+            "benchmark": "vla_train",
+            "case": "recipe (scene, cached) / conv stem (target >= 3)",
+            "metric": "ratio",
+            "value": scene_rate / conv_rate,
+            "unit": "x",
+        }
+    )
     return rows

@@ -1,17 +1,18 @@
-"""The main job (``make demo``): pretrain a dense VLA, upcycle copies of it into AdaMoE and a
-vanilla top-k MoE, fine-tune those and the dense policy itself for the same steps on the
-same data, evaluate all of them, and compare.
+"""The main job (``make demo``): start from the shipped pretrained dense VLA, upcycle copies
+of it into AdaMoE and a vanilla top-k MoE, fine-tune those and the dense policy itself for
+the same steps on the same data, evaluate all of them, and compare.
 
-    python scripts/demo.py                    # small preset, the whole tabletop suite (~25 min, 2 cores)
-    python scripts/demo.py --quick            # tiny preset, a few steps: the plumbing in < 2 min
+    python scripts/demo.py                    # from checkpoints/vla-tabletop-base, the whole tabletop suite
+    python scripts/demo.py --pretrain         # pretrain the base from nothing first (the recipe, ~1 h)
+    python scripts/demo.py --quick            # tiny preset pretrained in seconds: the plumbing in ~2 min
     python scripts/demo.py --init preserve    # upcycle so that step 0 computes the dense function
 
 Stages, in one output directory (default outputs/demo/); each is skipped when its output
 is complete, so an interrupted run picks up where it stopped (training resumes from its
 last checkpoint):
 
+    pretrain   pretrain/                      only with --pretrain: policies/vla/recipe.py
     collect    datasets/                      scripted-expert demos at several noise levels
-    pretrain   checkpoints/dense_pretrained/  the dense VLA (runs/<name>/: metrics, loss.png)
     finetune   checkpoints/<variant>/         dense, vanilla (top-k MoE), adamoe (runs/<variant>/)
     evaluate   eval/<variant>/eval_info.json  training phrasings (+ heldout/eval_info.json)
     report     results.md, results.json, plots/*.png
@@ -40,12 +41,15 @@ import adamoe  # noqa: E402
 import envs  # noqa: E402,F401  (GL backend first, registers the envs)
 from envs.collection import CollectionJob, dataset_id_for, run_collection  # noqa: E402
 from envs.datasets import dataset_path, episode_metadata, load_dataset  # noqa: E402
-from envs.registration import METAWORLD_PREFIX, TABLETOP_PREFIX, resolve_env_ids  # noqa: E402
+from envs.registration import TABLETOP_PREFIX, resolve_env_ids  # noqa: E402
 from policies import VLAPolicy, from_pretrained, vla_config  # noqa: E402
 from policies.data import ChunkDataset  # noqa: E402
 from policies.evaluation import EvalConfig, evaluate, task_name  # noqa: E402
 from policies.training import TrainConfig, train  # noqa: E402
-from policies.vla import parse_overrides  # noqa: E402
+from policies.vla import parse_overrides, recipe  # noqa: E402
+from policies.vla.perception import SCENE_FEATURES, SCENE_POSITIONS, encode_frames  # noqa: E402
+
+SHIPPED_BASE = Path(__file__).resolve().parents[1] / "checkpoints" / "vla-tabletop-base"
 
 # Each MoE kind as MoEConfig fields on top of (num_experts, top_k). The demo runs the
 # first three; the others are the families of the literature (make families).
@@ -114,12 +118,14 @@ class PipelineConfig:
     # Policy and training.
     preset: str = "small"
     overrides: dict[str, Any] = field(default_factory=dict)
-    scene_aux: float = 1.0
     batch_size: int = 64
-    pretrain_steps: int = 1000
-    pretrain_lr: float = 1e-3
-    pretrain_minutes: float | None = None
-    pretrained: str | None = None  # reuse a dense checkpoint instead of pretraining
+    # The dense policy the comparison starts from: the shipped base, as a pi0 user starts
+    # from published weights, or (``pretrain``) the recipe run here from nothing, with
+    # ``pretrain_steps`` policy steps and any other RecipeConfig field in ``recipe``.
+    pretrained: str | None = str(SHIPPED_BASE)
+    pretrain: bool = False
+    pretrain_steps: int = recipe.RecipeConfig.steps
+    recipe: dict[str, Any] = field(default_factory=dict)
     finetune_steps: int = 200
     finetune_lr: float = 3e-4
     variants: list[str] = field(default_factory=lambda: list(DEMO_VARIANTS))
@@ -146,13 +152,57 @@ class PipelineConfig:
         for name in ("episodes_per_task", "batch_size", "pretrain_steps", "finetune_steps", "eval_episodes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        vla_config(self.preset, **self.overrides)  # a bad preset or override fails before any work
+        if self.pretrain:
+            self.recipe_config().validate()
+        elif not self.pretrained or not (Path(self.pretrained) / "config.json").is_file():
+            raise ValueError(
+                f"no pretrained checkpoint at {self.pretrained}: pass --pretrained DIR, or --pretrain to "
+                f"pretrain one from nothing (`make pretrain` makes the shipped one)"
+            )
+
+    def recipe_config(self) -> recipe.RecipeConfig:
+        """The pretraining recipe this run's ``--pretrain`` runs (in ``<output_dir>/pretrain``)."""
+        fields = dict(
+            output_dir=str(Path(self.output_dir) / "pretrain"),
+            suite=list(self.suite),
+            seed=self.seed,
+            workers=self.workers,
+            episodes_per_task=self.episodes_per_task,
+            noise=list(self.noise),
+            preset=self.preset,
+            overrides=dict(self.overrides),
+            steps=self.pretrain_steps,
+            batch_size=self.batch_size,
+            eval_episodes=self.eval_episodes,
+            progress=self.progress,
+        )
+        return recipe.RecipeConfig(**{**fields, **self.recipe})
+
+    @property
+    def base(self) -> Path:
+        """The dense checkpoint the comparison starts from."""
+        if self.pretrain:
+            return Path(self.recipe_config().output_dir) / "policy" / "checkpoint"
+        return Path(self.pretrained)
 
 
 QUICK = {
     "episodes_per_task": 2,
     "noise": [0.0],
     "preset": "tiny",
-    "scene_aux": 0.0,
+    "pretrain": True,
+    "recipe": {
+        key: recipe.QUICK[key]
+        for key in (
+            "scene_episodes_per_task",
+            "scene_noise",
+            "perception_steps",
+            "perception_batch_size",
+            "curve_episodes",
+        )
+    }
+    | {"curve_points": 1},
     "batch_size": 8,
     "pretrain_steps": 30,
     "finetune_steps": 10,
@@ -226,17 +276,6 @@ def expert_success(cfg: PipelineConfig, env_ids: list[str]) -> dict[str, float]:
     return out
 
 
-def policy_config(cfg: PipelineConfig, env_ids: list[str], scene_dim: int | None = None):
-    """The dense policy's config; ``scene_dim``: the datasets' environment_state size, if any."""
-    overrides = dict(cfg.overrides)
-    if all(e.startswith(METAWORLD_PREFIX) for e in env_ids):
-        overrides.setdefault("cameras", ("corner2",))  # Meta-World envs' default camera
-    config = vla_config(cfg.preset, **overrides)
-    if cfg.scene_aux > 0 and scene_dim:
-        config.scene_aux_dim, config.scene_aux_weight = scene_dim, cfg.scene_aux
-    return config
-
-
 def train_stage(
     cfg: PipelineConfig, name: str, policy: VLAPolicy, data: ChunkDataset, train_config: TrainConfig
 ) -> dict[str, Any]:
@@ -248,34 +287,18 @@ def train_stage(
     return summary
 
 
-def pretrain(cfg: PipelineConfig, data: ChunkDataset, env_ids: list[str]) -> Path:
-    out = Path(cfg.output_dir) / "checkpoints" / "dense_pretrained"
-    if cfg.pretrained:
-        log(f"pretrain: using {cfg.pretrained}")
-        return Path(cfg.pretrained)
-    if (out / "config.json").is_file():
-        log(f"pretrain: {out} exists, reusing it")
-        return out
-    torch.manual_seed(cfg.seed)
-    scene_dim = data.environment_state.shape[1] if data.environment_state is not None else None
-    policy = VLAPolicy(policy_config(cfg, env_ids, scene_dim))
-    policy.set_normalization(data.stats())
-    log(
-        f"pretrain: dense {cfg.preset!r} VLA, {policy.parameter_counts()['total']:,} parameters, "
-        f"{cfg.pretrain_steps} steps x {cfg.batch_size}"
-    )
-    train_config = TrainConfig(
-        steps=cfg.pretrain_steps,
-        batch_size=cfg.batch_size,
-        lr=cfg.pretrain_lr,
-        seed=cfg.seed,
-        max_minutes=cfg.pretrain_minutes,
-        progress=cfg.progress,
-    )
-    summary = train_stage(cfg, "dense_pretrained", policy, data, train_config)
-    minutes, loss = summary["wall_s"] / 60, summary["final_loss"]
-    log(f"pretrain: {summary['steps']} steps in {minutes:.1f} min, final loss {loss:.4f}")
-    return out
+def pretrain(cfg: PipelineConfig) -> Path:
+    """The dense checkpoint to start from: the shipped (or given) one, or with ``--pretrain``
+    the recipe run from nothing, whose demonstrations this run then reuses."""
+    if not cfg.pretrain:
+        log(f"pretrain: starting from {cfg.base}")
+        return cfg.base
+    recipe_cfg = cfg.recipe_config()
+    log(f"pretrain: the recipe from nothing in {recipe_cfg.output_dir} ({recipe_cfg.steps} policy steps)")
+    recipe.run(recipe_cfg)
+    if cfg.datasets_root is None:
+        cfg.datasets_root = str(recipe_cfg.root)  # the same demonstrations (same noise levels and seeds)
+    return cfg.base
 
 
 def upcycled(cfg: PipelineConfig, pretrained: Path, variant: str) -> VLAPolicy:
@@ -319,8 +342,7 @@ def finetune(cfg: PipelineConfig, data: ChunkDataset, pretrained: Path) -> None:
 
 def evaluated(cfg: PipelineConfig) -> list[tuple[str, Path]]:
     out = Path(cfg.output_dir) / "checkpoints"
-    pretrained = Path(cfg.pretrained) if cfg.pretrained else out / "dense_pretrained"
-    first = [("pretrained", pretrained)] if cfg.eval_pretrained else []
+    first = [("pretrained", cfg.base)] if cfg.eval_pretrained else []
     return first + [(v, out / v) for v in cfg.variants]
 
 
@@ -444,6 +466,7 @@ def report(cfg: PipelineConfig, data: ChunkDataset, env_ids: list[str], began: f
     policies = {name: from_pretrained(path) for name, path in evaluated(cfg)}
     frames = task_frames(data, env_ids, per_task=64, seed=cfg.seed)
     one = data.get(next(iter(frames.values()))[:1]) if frames else data.get(np.array([0]))
+    one = {k: v for k, v in one.items() if k not in (SCENE_POSITIONS, SCENE_FEATURES)}  # time the encoder too
     times = latency(policies, one, cfg.latency_calls)
     for policy in policies.values():  # top-any's experts per token, for its active parameters
         measure_routing(policy, data, frames)
@@ -643,12 +666,16 @@ def plot_expert_use(name: str, use: dict[str, Any], path: Path) -> None:
 
 
 def load_data(cfg: PipelineConfig, env_ids: list[str]) -> ChunkDataset:
-    """Every task's frames as the policy sees them: its cameras (Meta-World: the corner one)
-    and its chunk size."""
-    config = from_pretrained(cfg.pretrained).config if cfg.pretrained else policy_config(cfg, env_ids)
+    """Every task's frames as the base policy sees them: its cameras (Meta-World: the corner
+    one) and chunk size, with its frozen scene encoder's outputs cached per frame (every
+    variant shares that encoder, so fine-tuning never runs it)."""
+    base = from_pretrained(cfg.base)
     log(f"load: {len(env_ids)} datasets")
     ids = [dataset_id_for(e) for e in env_ids]
-    data = ChunkDataset(ids, config.chunk_size, config.cameras, root=cfg.root, progress=cfg.progress)
+    data = ChunkDataset(ids, base.config.chunk_size, base.config.cameras, root=cfg.root, progress=cfg.progress)
+    if base.config.vision == "scene" and base.config.freeze_vision:
+        # Images stay for the latency measurement, which must include the encoder.
+        data.attach_frame_features(encode_frames(base, data.get, len(data)), drop_images=False)
     log(f"load: {len(data):,} frames from {data.num_episodes} episodes")
     return data
 
@@ -658,9 +685,9 @@ def run(cfg: PipelineConfig, data: ChunkDataset | None = None) -> dict[str, Any]
     cfg.validate()
     began = time.perf_counter()
     env_ids = list(resolve_env_ids(cfg.suite))
+    pretrained = pretrain(cfg)
     collect(cfg, env_ids)
     data = data if data is not None else load_data(cfg, env_ids)
-    pretrained = pretrain(cfg, data, env_ids)
     finetune(cfg, data, pretrained)
     evaluate_all(cfg, env_ids)
     results = report(cfg, data, env_ids, began)
@@ -683,11 +710,10 @@ def parse_args(argv: list[str] | None = None) -> PipelineConfig:
     p.add_argument("--datasets-root", default=None, help="reuse datasets under this root")
     p.add_argument("--preset", default=None, help="VLA preset: tiny, small, base")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="VLAConfig overrides")
-    p.add_argument("--scene-aux", type=float, default=None, help="weight of the training-only scene readout")
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--pretrain-steps", type=int, default=None)
-    p.add_argument("--pretrain-minutes", type=float, default=None, help="stop pretraining after this long")
-    p.add_argument("--pretrained", default=None, help="a dense checkpoint to fine-tune instead of pretraining")
+    p.add_argument("--pretrained", default=None, help=f"the dense checkpoint to start from (default {SHIPPED_BASE})")
+    p.add_argument("--pretrain", action="store_true", help="pretrain the dense base from nothing first (the recipe)")
+    p.add_argument("--pretrain-steps", type=int, default=None, help="policy steps of --pretrain's recipe")
     p.add_argument("--finetune-steps", type=int, default=None)
     p.add_argument("--finetune-lr", type=float, default=None)
     p.add_argument("--variants", nargs="+", default=None, help=f"of {list(KINDS)} (+ -paper / -preserve)")
@@ -706,10 +732,8 @@ def parse_args(argv: list[str] | None = None) -> PipelineConfig:
         "noise": args.noise,
         "datasets_root": args.datasets_root,
         "preset": args.preset,
-        "scene_aux": args.scene_aux,
         "batch_size": args.batch_size,
         "pretrain_steps": args.pretrain_steps,
-        "pretrain_minutes": args.pretrain_minutes,
         "pretrained": args.pretrained,
         "finetune_steps": args.finetune_steps,
         "finetune_lr": args.finetune_lr,
@@ -721,6 +745,8 @@ def parse_args(argv: list[str] | None = None) -> PipelineConfig:
     cfg.init, cfg.seed = args.init, args.seed
     if args.no_eval_pretrained:
         cfg.eval_pretrained = False
+    if args.pretrain:
+        cfg.pretrain = True
     return cfg
 
 

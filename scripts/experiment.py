@@ -8,9 +8,9 @@ Each seed is one run of ``scripts/demo.py``'s pipeline under ``<output-dir>/seed
 with the variants dense, vanilla (top-k MoE, paper init), adamoe (paper init) and
 adamoe-preserve, fine-tuned for the same steps on the same demonstrations (collected once,
 under ``<output-dir>/datasets/``). By default the seeds share one pretrained dense policy
-(seed 0's), so the spread measures fine-tuning and evaluation noise around one starting
-point; ``--pretrain-per-seed`` pretrains once per seed and the spread includes
-pretraining. Writes ``results.md`` and ``results.json`` (mean and standard deviation over
+(the shipped base), so the spread measures fine-tuning and evaluation noise around one
+starting point; ``--pretrain-per-seed`` runs the pretraining recipe once per seed and the
+spread includes pretraining. Writes ``results.md`` and ``results.json`` (mean and standard deviation over
 seeds of every variant's success, per split) and ``plots/success_over_seeds.png``.
 
 The Meta-World MT10 version (longer: Meta-World renders ~20x slower than the tabletop):
@@ -62,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def seed_config(base: Any, out: Path, seed: int, first: int, shared: bool) -> Any:
     cfg = replace(base, output_dir=str(out / f"seed{seed}"), seed=seed, datasets_root=str(out / "datasets"))
     if shared and seed != first:
-        cfg.pretrained = str(out / f"seed{first}" / "checkpoints" / "dense_pretrained")
+        if base.pretrain:  # seed <first> pretrains; the others start from its base
+            cfg.pretrain, cfg.pretrained = False, str(replace(base, output_dir=str(out / f"seed{first}")).base)
         cfg.eval_pretrained = False  # the same policy as seed <first>'s
     return cfg
 
@@ -185,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     variants = list(pipeline.KINDS) if args.variants == ["all"] else list(args.variants)
     base = replace(base, variants=variants, **{k: v for k, v in given.items() if v is not None})
+    if args.pretrain_per_seed:
+        base.pretrain = True
     began = time.perf_counter()
     runs = {}
     try:
@@ -192,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             cfg = seed_config(base, out, seed, args.seeds[0], shared=not args.pretrain_per_seed)
             pipeline.log(f"experiment: seed {seed} -> {cfg.output_dir}")
-            if data is None:
+            if data is None or args.pretrain_per_seed:  # the cached encoder outputs are the base's
                 env_ids = list(pipeline.resolve_env_ids(cfg.suite))
+                pipeline.pretrain(cfg)
                 pipeline.collect(cfg, env_ids)
                 data = pipeline.load_data(cfg, env_ids)
             runs[seed] = pipeline.run(cfg, data)

@@ -21,11 +21,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import envs  # noqa: E402,F401  (GL backend first)
 from envs.collection import dataset_id_for  # noqa: E402
 from envs.registration import resolve_env_ids  # noqa: E402
-from policies import VLAPolicy, vla_config  # noqa: E402
+from policies import (  # noqa: E402
+    VLAPolicy,
+    from_pretrained,  # noqa: E402
+    vla_config,
+)
 from policies.data import ChunkDataset  # noqa: E402
 from policies.evaluation import EvalConfig, evaluate  # noqa: E402
 from policies.training import TrainConfig, train  # noqa: E402
 from policies.vla import parse_overrides  # noqa: E402
+from policies.vla.perception import encode_frames  # noqa: E402
+from policies.vla.recipe import BalancedSampler  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,6 +49,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="WEIGHT",
         help="train-time auxiliary loss: regress the datasets' environment_state from the image tokens",
     )
+    p.add_argument(
+        "--encoder",
+        default=None,
+        metavar="CHECKPOINT",
+        help="a checkpoint whose trained scene encoder to start from (vision='scene', the default: "
+        "e.g. outputs/pretrain/perception/checkpoint from `make pretrain`); the policy trains on its "
+        "cached outputs",
+    )
+    p.add_argument("--balance", default="task", choices=["task", "none"], help="balance batches over tasks")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -61,6 +76,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = vla_config(args.preset, **parse_overrides(args.set))
+    encoder = from_pretrained(args.encoder) if args.encoder else None
+    if config.vision == "scene" and encoder is None:
+        print(
+            "error: vision='scene' trains on a trained scene encoder: pass --encoder CHECKPOINT (`make pretrain` "
+            "writes outputs/pretrain/perception/checkpoint), or --set vision=conv for the end-to-end conv stem",
+            file=sys.stderr,
+        )
+        return 2
     env_ids = resolve_env_ids(args.suite)
     datasets = args.datasets or [dataset_id_for(env_id, args.dataset_name) for env_id in env_ids]
     data = ChunkDataset(datasets, config.chunk_size, config.cameras, root=args.root)
@@ -70,7 +93,16 @@ def main(argv: list[str] | None = None) -> int:
         config.scene_aux_dim, config.scene_aux_weight = data.environment_state.shape[1], args.scene_aux
     print(f"{len(data):,} frames from {data.num_episodes} episodes in {len(datasets)} datasets")
     policy = VLAPolicy(config)
-    policy.set_normalization(data.stats())
+    if encoder is not None:  # its scene encoder and the statistics it was trained in
+        encoder_state = {
+            k: v for k, v in encoder.state_dict().items() if k.startswith(("model.scene_encoder.", "scene_"))
+        }
+        missing = policy.load_state_dict(encoder_state, strict=False).unexpected_keys
+        if missing:
+            raise SystemExit(f"error: {args.encoder} does not fit this config: unexpected {missing[:3]}")
+    policy.set_normalization(data.stats(), scene=encoder is None)
+    if encoder is not None and config.freeze_vision:
+        data.attach_frame_features(encode_frames(policy, data.get, len(data)))
     counts = policy.parameter_counts()
     print(f"VLA preset {args.preset!r}: {counts['total']:,} parameters")
     train_config = TrainConfig(
@@ -82,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         max_minutes=args.max_minutes,
         device=args.device,
     )
-    summary = train(policy, data, train_config, args.output_dir, resume=not args.no_resume)
+    sampler = BalancedSampler(data, None if args.balance == "none" else args.balance)
+    summary = train(policy, sampler, train_config, args.output_dir, resume=not args.no_resume)
     print(json.dumps(summary, indent=2))
     if args.eval_episodes > 0:
         splits = ["train", "heldout"] if args.eval_split == "both" else [args.eval_split]

@@ -48,3 +48,41 @@ def test_make_expert_rejects_unknown_ids_and_bad_noise():
         envs.make_expert("adamoe/Tabletop-PickRed-v0", noise=-0.1)
     with pytest.raises(ValueError, match="random_action_prob"):
         envs.make_expert("adamoe/Tabletop-PickRed-v0", random_action_prob=1.5)
+
+
+def test_clean_label_is_what_the_noise_free_expert_does_in_each_visited_state():
+    env_id = "adamoe/Tabletop-PickRed-v0"
+    env = gym.make(env_id, cameras=())
+    noisy = envs.make_expert(env_id, noise=0.5, random_action_prob=0.2, seed=0)
+    clean = envs.make_expert(env_id)  # shadows the noisy run: same observations, no noise
+    obs, _ = env.reset(seed=0)
+    differs = False
+    for _ in range(40):
+        executed, label = noisy.act_with_label(obs)
+        np.testing.assert_array_equal(label, clean.act(obs))
+        assert label.dtype == np.float32 and label.shape == (4,) and np.all(np.abs(label) <= 1.0)
+        differs |= not np.array_equal(executed, label)
+        obs, *_ = env.step(executed)
+    assert differs
+
+
+def test_act_executes_the_same_action_as_act_with_label():
+    env_id = "adamoe/Tabletop-PushRedToYellowPad-v0"
+    env = gym.make(env_id, cameras=())
+    a, b = (envs.make_expert(env_id, noise=0.3, random_action_prob=0.1, seed=3) for _ in range(2))
+    obs, _ = env.reset(seed=0)
+    for _ in range(20):
+        action = a.act(obs)
+        np.testing.assert_array_equal(action, b.act_with_label(obs)[0])
+        obs, *_ = env.step(action)
+
+
+def test_run_episode_records_the_clean_label_beside_the_executed_action():
+    env_id = "adamoe/Tabletop-ReachBlue-v0"
+    env = gym.make(env_id, cameras=())
+    episode = run_episode(env, envs.make_expert(env_id, noise=0.4, seed=0), seed=1, noise=0.4)
+    label = episode.buffer.infos["expert_action"]
+    assert label.dtype == np.float32 and label.shape == episode.buffer.actions.shape
+    assert not np.array_equal(label, episode.buffer.actions)
+    clean = run_episode(env, envs.make_expert(env_id), seed=1)
+    np.testing.assert_array_equal(clean.buffer.infos["expert_action"], clean.buffer.actions)

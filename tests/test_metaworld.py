@@ -73,6 +73,19 @@ def test_metaworld_scripted_policy_is_the_expert(task):
     assert all(successes)
 
 
+def test_noisy_metaworld_expert_labels_each_step_with_meta_worlds_clean_action():
+    env_id = "adamoe/MetaWorld-reach-v3"
+    env = gym.make(env_id, cameras=())
+    expert = envs.make_expert(env_id, noise=0.5, seed=0)
+    obs, _ = env.reset(seed=0)
+    for _ in range(5):
+        executed, label = expert.act_with_label(obs)
+        clean = np.clip(expert.policy.get_action(obs["environment_state"].astype(np.float64)), -1.0, 1.0)
+        np.testing.assert_allclose(label, clean, atol=1e-6)
+        assert not np.allclose(executed, label)
+        obs, *_ = env.step(executed)
+
+
 def test_bad_metaworld_names_list_the_valid_ones():
     with pytest.raises(ValueError, match="reach-v3"):
         envs.MetaWorldEnv("reach-v2")

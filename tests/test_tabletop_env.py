@@ -10,6 +10,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import envs
+from envs.rendering import mujoco
 from envs.tasks import STATE_DIM, TASK_LIST, TASKS
 
 TASK_IDS = [t.env_id for t in TASK_LIST]
@@ -187,3 +188,54 @@ def test_mujoco_gl_keeps_the_users_choice_and_a_display(monkeypatch):
     monkeypatch.delenv("MUJOCO_GL")
     monkeypatch.setenv("DISPLAY", ":0")
     assert envs.rendering.ensure_gl_backend() is None
+
+
+def _teleport_cube(env, cube_index: int, position) -> None:
+    u = env.unwrapped
+    adr = u._cube_qpos[cube_index]
+    u.data.qpos[adr : adr + 3] = position
+    u.data.qvel[:] = 0.0
+    mujoco.mj_forward(u.model, u.data)
+
+
+@pytest.mark.parametrize(
+    "position",
+    [(0.0, -0.05, -0.2), (0.45, -0.05, 0.02), (0.0, -0.33, 0.02), (0.0, 0.36, 0.02)],
+    ids=["fallen-below-the-top", "past-the-right-edge", "past-the-front-edge", "past-the-back-edge"],
+)
+def test_cube_off_the_table_terminates_the_episode_and_says_why(position):
+    env = gym.make("adamoe/Tabletop-PickRed-v0", cameras=())
+    env.reset(seed=0)
+    _teleport_cube(env, 1, position)
+    *_, terminated, truncated, info = env.step(np.zeros(4, np.float32))
+    assert terminated and not truncated
+    assert info["termination_reason"] == "cube_off_table" and info["is_success"] is False
+
+
+def test_cube_near_the_edge_but_on_the_table_does_not_end_the_episode():
+    env = gym.make("adamoe/Tabletop-PickRed-v0", cameras=())
+    env.reset(seed=0)
+    _teleport_cube(env, 1, (0.37, -0.05, 0.02))  # the table top ends at x = 0.4
+    *_, terminated, truncated, info = env.step(np.zeros(4, np.float32))
+    assert not terminated and not truncated and info["termination_reason"] is None
+
+
+def test_termination_reason_is_none_until_success_ends_the_episode():
+    env = gym.make("adamoe/Tabletop-ReachRed-v0", cameras=())
+    expert = envs.make_expert("adamoe/Tabletop-ReachRed-v0")
+    obs, _ = env.reset(seed=0)
+    reasons = []
+    for _ in range(60):
+        obs, _, terminated, _, info = env.step(expert.act(obs))
+        reasons.append(info["termination_reason"])
+        if terminated:
+            break
+    assert terminated and reasons[-1] == "success" and set(reasons[:-1]) == {None}
+
+
+def test_cube_off_the_table_ends_the_episode_even_without_terminating_on_success():
+    env = gym.make("adamoe/Tabletop-ReachRed-v0", cameras=(), terminate_on_success=False)
+    env.reset(seed=0)
+    _teleport_cube(env, 0, (0.0, -0.05, -0.2))
+    *_, terminated, _, info = env.step(np.zeros(4, np.float32))
+    assert terminated and info["termination_reason"] == "cube_off_table"

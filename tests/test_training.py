@@ -99,7 +99,7 @@ def test_moe_routers_get_their_own_learning_rate(dataset):
     assert len(groups["router"]["params"]) == 2 * policy.config.depth  # W_r and W_s per layer
     assert groups["no_decay"]["weight_decay"] == 0.0 and groups["decay"]["weight_decay"] > 0
     no_decay = {id(p) for p in groups["no_decay"]["params"]}
-    assert id(policy.model.image_pos) in no_decay and id(policy.model.prefix_layers[0].input_norm.weight) in no_decay
+    assert id(policy.model.text_pos) in no_decay and id(policy.model.prefix_layers[0].input_norm.weight) in no_decay
 
 
 class OneBatch:
@@ -238,7 +238,7 @@ def test_summary_aggregates_success_per_task_and_overall():
 
 
 def test_scene_auxiliary_loss_is_training_only(dataset, tmp_path):
-    policy = tiny_policy(dataset, scene_aux_dim=25, scene_aux_weight=0.5)
+    policy = tiny_policy(dataset, vision="conv", scene_aux_dim=25, scene_aux_weight=0.5)
     batch = dataset.get(np.arange(4))
     assert batch["observation.environment_state"].shape == (4, 25)
     policy.train()

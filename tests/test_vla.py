@@ -30,6 +30,12 @@ def make_policy(seed=0, **overrides):
     stats = {
         "observation.state": {"mean": np.zeros(4), "std": np.full(4, 0.1), "min": -np.ones(4), "max": np.ones(4)},
         "action": {"mean": np.zeros(4), "std": np.full(4, 0.5), "min": -np.ones(4), "max": np.ones(4)},
+        "observation.environment_state": {
+            "mean": np.full(25, 0.05),
+            "std": np.full(25, 0.1),
+            "min": -np.ones(25),
+            "max": np.ones(25),
+        },
     }
     policy.set_normalization(stats)
     return policy.eval()
@@ -402,9 +408,9 @@ def test_checkpoint_with_a_missing_or_misshaped_tensor_names_it(tmp_path):
     weights = tmp_path / "ckpt" / "model.safetensors"
     tensors = load_file(str(weights))
     missing = dict(tensors)
-    del missing["model.image_pos"]
+    del missing["model.text_pos"]
     save_file(missing, str(weights))
-    with pytest.raises(ValueError, match="missing tensor 'model.image_pos'"):
+    with pytest.raises(ValueError, match="missing tensor 'model.text_pos'"):
         policies.from_pretrained(tmp_path / "ckpt")
     misshaped = dict(tensors)
     misshaped["action_norm.std"] = torch.ones(5)
@@ -433,7 +439,7 @@ def test_save_pretrained_replaces_a_checkpoint_atomically(tmp_path, monkeypatch)
 
     monkeypatch.setattr(policies.pretrained, "save_tensors", broken)
     with torch.no_grad():
-        policy.model.image_pos.add_(1.0)
+        policy.model.text_pos.add_(1.0)
     with pytest.raises(OSError, match="disk full"):
         policy.save_pretrained(tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "model.safetensors").read_bytes() == before
@@ -468,3 +474,43 @@ def test_bad_config_values_name_the_field():
         vla_config("small", image_size=60)
     with pytest.raises(ValueError, match="normalization='zscore'"):
         vla_config("small", normalization="zscore")
+
+
+def test_tokenizer_batches_equal_the_rows_encoded_alone_and_hand_out_copies():
+    texts = ["pick up the red cube", "stack the blue cube on the red one", "pick up the red cube"]
+    ids, grams, valid = encode(texts)
+    for row, text in enumerate(texts):
+        one = encode(text)
+        torch.testing.assert_close(ids[row], one[0][0])
+        torch.testing.assert_close(grams[row], one[1][0])
+        torch.testing.assert_close(valid[row], one[2][0])
+    ids[0].zero_()
+    assert encode(texts[0])[0].count_nonzero() == 5  # the cache was not touched
+
+
+def test_word_augmentation_keeps_order_drops_words_and_only_acts_in_training():
+    from policies.tokenizer import augment
+
+    ids, grams, valid = encode(["stack the blue cube on the red one", "pick up the red cube"])
+    torch.manual_seed(0)
+    same = augment(ids, grams, valid, 0.0, 0)
+    for a, b in zip(same, (ids, grams, valid), strict=True):
+        torch.testing.assert_close(a, b)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        out_ids, out_grams, out_valid = augment(ids, grams, valid, 0.4, 3)
+        for row in range(2):
+            kept = out_ids[row][out_valid[row]].tolist()
+            original = ids[row][valid[row]].tolist()
+            assert 1 <= len(kept) <= len(original)
+            it = iter(original)
+            assert all(word in it for word in kept)  # a subsequence: order kept
+            first = int(out_valid[row].nonzero()[0])
+            assert first <= 3 and out_valid[row][first : first + len(kept)].all()  # contiguous after the shift
+            for col in out_valid[row].nonzero().flatten().tolist():  # each word keeps its own n-grams
+                source = original.index(int(out_ids[row, col]))
+                torch.testing.assert_close(out_grams[row, col], grams[row, source])
+    policy = make_policy(word_dropout=0.5, word_position_jitter=3)
+    batch = make_batch(policy)
+    noise = torch.randn(3, policy.config.chunk_size, policy.config.action_dim)
+    torch.testing.assert_close(policy.predict_action_chunk(batch, noise=noise), policy.predict_action_chunk(batch, noise=noise))

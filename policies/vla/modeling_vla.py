@@ -35,8 +35,9 @@ import adamoe
 from adamoe import MoAConfig, MoEConfig
 from policies.normalize import Normalizer
 from policies.pretrained import PretrainedPolicy, register_policy
-from policies.tokenizer import PAD_ID, encode
+from policies.tokenizer import PAD_ID, augment, encode
 from policies.vla.configuration_vla import VLAConfig
+from policies.vla.perception import SCENE_FEATURES, SCENE_POSITIONS, SceneEncoder
 
 # The action expert's FFNs, relative to ``VLAModel.action_expert`` (what upcycling replaces).
 EXPERT_FFN_PATTERN = r"^layers\.\d+\.mlp$"
@@ -295,9 +296,25 @@ class VLAModel(nn.Module):
         super().__init__()
         self.config = c = config
         d = c.prefix_width
-        self.vision = ConvStem(c.vision_channels, c.patch, d, c.keypoints)
-        self.camera_embed = nn.Parameter(torch.randn(len(c.cameras), d) * 0.02)
-        self.image_pos = nn.Parameter(torch.randn(c.tokens_per_image, d) * 0.02)
+        if c.vision == "conv":
+            self.vision = ConvStem(c.vision_channels, c.patch, d, c.keypoints)
+            self.camera_embed = nn.Parameter(torch.randn(len(c.cameras), d) * 0.02)
+            self.image_pos = nn.Parameter(torch.randn(c.tokens_per_image, d) * 0.02)
+        else:
+            self.scene_encoder = SceneEncoder(
+                len(c.cameras),
+                c.state_dim,
+                len(c.scene_indices),
+                c.scene_channels,
+                c.scene_strides,
+                c.scene_keypoints,
+                c.scene_hidden,
+            )
+            # An object's token reads its position (standardised) and its offset from the
+            # gripper (in decimetres): the geometry a reaching or grasping policy acts on.
+            self.object_in = nn.Sequential(nn.Linear(6, d), nn.GELU(), nn.Linear(d, d))
+            self.object_embed = nn.Parameter(torch.randn(len(c.scene_objects) + 1, d) * 0.02)
+            self.scene_token = nn.Linear(c.scene_hidden, d)
         self.text = TextEncoder(d, c.text_buckets)
         self.text_pos = nn.Parameter(torch.randn(c.max_words, d) * 0.02)
         self.prefix_layers = nn.ModuleList(
@@ -312,20 +329,40 @@ class VLAModel(nn.Module):
                 nn.Linear(image_tokens * d, 256), nn.GELU(), nn.Linear(256, c.scene_aux_dim)
             )
         self.apply(_init_weights)
+        if c.vision == "scene":  # a CNN + MLP trains on PyTorch's fan-in init, not GPT's 0.02
+            self.scene_encoder.reset_parameters()
 
     # prefix
 
-    def embed_prefix(self, images: torch.Tensor, text: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images ``(B, cams, 3, S, S)`` and encoded words -> prefix tokens ``(B, P, D)`` and validity."""
+    def conv_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """vision="conv": images ``(B, cams, 3, S, S)`` -> ``(B, cams * T, D)`` image tokens."""
         b, cams = images.shape[:2]
         img = self.vision(images.flatten(0, 1)).unflatten(0, (b, cams))  # (B, cams, T, D)
-        img = img + self.image_pos + self.camera_embed[:, None]
+        return (img + self.image_pos + self.camera_embed[:, None]).flatten(1, 2)
+
+    def scene_tokens(self, positions: torch.Tensor, features: torch.Tensor, grip: torch.Tensor) -> torch.Tensor:
+        """vision="scene": ``positions`` ``(B, n)`` standardised and ``metres`` ``(B, n)`` of the
+        predicted objects (stacked as ``(2, B, n)`` in ``positions``), the encoder's
+        ``features`` ``(B, hidden)`` and the gripper's position ``grip`` ``(B, 3)`` in metres ->
+        ``(B, objects + 1, D)``: one token per object, then one of the features."""
+        standard, metres = positions
+        objects = []
+        start = 0
+        for group in self.config.scene_objects:
+            end = start + len(group)
+            pad = (0, 3 - len(group))
+            offset = (F.pad(metres[:, start:end], pad) - grip) * 10.0
+            objects.append(torch.cat([F.pad(standard[:, start:end], pad), offset], dim=1))
+            start = end
+        tokens = torch.cat([self.object_in(torch.stack(objects, dim=1)), self.scene_token(features)[:, None]], dim=1)
+        return tokens + self.object_embed
+
+    def embed_prefix(self, visual: torch.Tensor, text: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Visual tokens ``(B, V, D)`` and encoded words -> prefix tokens ``(B, P, D)`` and validity."""
         word_ids, grams, txt_valid = text
         txt = self.text(word_ids, grams) + self.text_pos[: word_ids.shape[1]]
-        tokens = torch.cat([img.flatten(1, 2), txt], dim=1)
-        valid = torch.cat(
-            [torch.ones(b, img.shape[1] * img.shape[2], dtype=torch.bool, device=txt.device), txt_valid], 1
-        )
+        tokens = torch.cat([visual, txt], dim=1)
+        valid = torch.cat([torch.ones(visual.shape[:2], dtype=torch.bool, device=txt.device), txt_valid], 1)
         return tokens, valid
 
     def prefix_cache(self, tokens: torch.Tensor, valid: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -419,6 +456,12 @@ class VLAPolicy(PretrainedPolicy):
         self.action_norm = Normalizer(config.action_dim, config.normalization)
         if config.scene_aux_dim:
             self.scene_norm = Normalizer(config.scene_aux_dim, config.normalization)
+        if config.vision == "scene":
+            # The scene encoder's targets are standardised whatever ``normalization`` says:
+            # its smooth-L1 loss weighs every coordinate alike.
+            self.scene_target_norm = Normalizer(len(config.scene_indices), "mean_std")
+            self.scene_state_norm = Normalizer(config.state_dim, "mean_std")  # the encoder's own input scale
+            self.model.scene_encoder.requires_grad_(not config.freeze_vision)
         if config.moe is not None:  # rebuild an upcycled policy (weights are loaded after)
             adamoe.upcycle(
                 self.model.action_expert, MoEConfig.from_dict(config.moe["config"]), EXPERT_FFN_PATTERN, "paper"
@@ -432,12 +475,30 @@ class VLAPolicy(PretrainedPolicy):
 
     # -- set-up -------------------------------------------------------------------
 
-    def set_normalization(self, stats: dict[str, dict[str, Any]]) -> None:
-        """Statistics from the training data: ``{"observation.state": {...}, "action": {...}}``."""
+    def set_normalization(self, stats: dict[str, dict[str, Any]], scene: bool = True) -> None:
+        """Statistics from the training data: ``{"observation.state": {...}, "action": {...}}``
+        (and ``observation.environment_state`` for the scene encoder's targets). ``scene=False``
+        keeps the scene encoder's target statistics: a trained encoder's outputs are in them."""
         self.state_norm.fit(stats["observation.state"])
         self.action_norm.fit(stats["action"])
         if self.config.scene_aux_dim:
             self.scene_norm.fit(stats["observation.environment_state"])
+        if self.config.vision == "scene" and scene:
+            if "observation.environment_state" not in stats:
+                raise ValueError(
+                    "vision='scene' needs 'observation.environment_state' statistics (the scene encoder's "
+                    "training labels); the datasets hold no environment_state"
+                )
+            scene = stats["observation.environment_state"]
+            dim = len(np.asarray(scene["mean"]))
+            if max(self.config.scene_indices) >= dim:
+                raise ValueError(
+                    f"scene_objects index {max(self.config.scene_indices)} is out of range for an "
+                    f"environment_state of {dim} values"
+                )
+            idx = self.config.scene_indices
+            self.scene_target_norm.fit({k: np.asarray(v)[idx] for k, v in scene.items()})
+            self.scene_state_norm.fit(stats["observation.state"])
 
     def upcycle(
         self, moe_config: MoEConfig | None = None, init: str = "paper", generator: torch.Generator | None = None
@@ -500,6 +561,9 @@ class VLAPolicy(PretrainedPolicy):
         return torch.stack(images, dim=1).to(self._device)  # (B, cams, 3, S, S)
 
     def _state(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self.state_norm.normalize(self._raw_state(batch))
+
+    def _raw_state(self, batch: dict[str, Any]) -> torch.Tensor:
         if "observation.state" not in batch:
             raise ValueError("batch is missing 'observation.state'")
         state = torch.as_tensor(batch["observation.state"]).float()
@@ -509,7 +573,7 @@ class VLAPolicy(PretrainedPolicy):
             )
         if not torch.isfinite(state).all():
             raise ValueError(f"observation.state contains NaN or infinite values: {state.tolist()}")
-        return self.state_norm.normalize(state.to(self._device))
+        return state.to(self._device)
 
     def _text(self, batch: dict[str, Any], size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         task = batch.get("task")
@@ -520,14 +584,53 @@ class VLAPolicy(PretrainedPolicy):
             raise ValueError(f"got {len(task)} instructions for a batch of {size}")
         c = self.config
         ids, grams, valid = encode(task, c.max_words, c.text_buckets, c.ngram_range, c.max_ngrams)
+        if self.training and (c.word_dropout > 0 or c.word_position_jitter > 0):
+            ids, grams, valid = augment(ids, grams, valid, c.word_dropout, c.word_position_jitter)
         # Trailing columns that are padding in every row change nothing (padding is never a
         # key, and nobody reads a padding token's output): drop them to save compute.
-        width = max(1, int(valid.sum(1).max()))
+        used = valid.any(0).nonzero()
+        width = int(used.max()) + 1 if len(used) else 1
         return tuple(t[:, :width].to(self._device) for t in (ids, grams, valid))
 
     @property
     def _device(self) -> torch.device:
-        return self.model.image_pos.device
+        return self.model.text_pos.device
+
+    def train(self, mode: bool = True) -> VLAPolicy:
+        super().train(mode)
+        if self.config.vision == "scene" and self.config.freeze_vision:
+            self.model.scene_encoder.eval()  # a frozen encoder's BatchNorm keeps its statistics
+        return self
+
+    def encode_scene(self, batch: dict[str, Any], grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """vision="scene": the encoder's standardised object positions ``(B, n)`` and features
+        ``(B, hidden)`` for a batch: taken from the batch when it carries them (cached by
+        ``perception.encode_frames``), else computed from its images and state."""
+        if self.config.vision != "scene":
+            raise ValueError(f"encode_scene needs vision='scene'; this policy has vision={self.config.vision!r}")
+        if SCENE_POSITIONS in batch and SCENE_FEATURES in batch:
+            positions = torch.as_tensor(batch[SCENE_POSITIONS]).float().to(self._device)
+            features = torch.as_tensor(batch[SCENE_FEATURES]).float().to(self._device)
+            return positions, features
+        images, state = self._images(batch), self.scene_state_norm.normalize(self._raw_state(batch))
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            return self.model.scene_encoder(images, state)
+
+    def scene_target(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The scene encoder's standardised training target from ``observation.environment_state``."""
+        if "observation.environment_state" not in batch:
+            raise ValueError("training the scene encoder needs 'observation.environment_state' in the batch")
+        scene = torch.as_tensor(batch["observation.environment_state"]).float()
+        return self.scene_target_norm.normalize(scene[:, self.config.scene_indices].to(self._device))
+
+    def _visual(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The prefix's visual tokens ``(B, V, D)``."""
+        if self.config.vision == "conv":
+            return self.model.conv_tokens(self._images(batch))
+        positions, features = self.encode_scene(batch, grad=not self.config.freeze_vision)
+        metres = self.scene_target_norm.unnormalize(positions)
+        grip = self._raw_state(batch)[:, :3]
+        return self.model.scene_tokens((positions, metres), features, grip)
 
     def batch_from_observation(self, obs: dict[str, Any]) -> dict[str, Any]:
         """A Gymnasium observation (one env, or stacked by a vector env) as a batch."""
@@ -554,12 +657,12 @@ class VLAPolicy(PretrainedPolicy):
     def forward(self, batch: dict[str, Any], step: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
         """The flow-matching loss of a training batch (plus MoE balance losses when upcycled)."""
         c = self.config
-        images = self._images(batch)
         state = self._state(batch)
-        text = self._text(batch, images.shape[0])
+        visual = self._visual(batch)
+        text = self._text(batch, state.shape[0])
         actions = self.action_norm.normalize(torch.as_tensor(batch["action"]).float().to(self._device))
         is_pad = torch.as_tensor(batch["action_is_pad"]).bool().to(self._device)
-        prefix, prefix_valid = self.model.embed_prefix(images, text)
+        prefix, prefix_valid = self.model.embed_prefix(visual, text)
         cache = self.model.prefix_cache(prefix, prefix_valid)
 
         k = c.flow_samples  # several (t, noise) draws per encoded prefix
@@ -607,11 +710,10 @@ class VLAPolicy(PretrainedPolicy):
     ) -> torch.Tensor:
         """``(B, H, action_dim)`` unnormalised actions, integrated from noise with Euler steps."""
         c = self.config
-        images = self._images(batch)
         state = self._state(batch)
-        prefix, prefix_valid = self.model.embed_prefix(images, self._text(batch, images.shape[0]))
+        prefix, prefix_valid = self.model.embed_prefix(self._visual(batch), self._text(batch, state.shape[0]))
         cache = self.model.prefix_cache(prefix, prefix_valid) if use_cache else None
-        b = images.shape[0]
+        b = state.shape[0]
         x = torch.randn(b, c.chunk_size, c.action_dim, device=self._device) if noise is None else noise.to(self._device)
         steps = num_steps or c.num_inference_steps
         dt = -1.0 / steps
