@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import envs  # noqa: E402,F401  (GL backend first, registers the envs)
 import torch  # noqa: E402
 
+import envs  # noqa: E402,F401  (GL backend first, registers the envs)
 from policies import from_pretrained  # noqa: E402
 from policies.evaluation import EvalConfig, evaluate  # noqa: E402
 from policies.training import resolve_device  # noqa: E402

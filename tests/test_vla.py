@@ -513,4 +513,6 @@ def test_word_augmentation_keeps_order_drops_words_and_only_acts_in_training():
     policy = make_policy(word_dropout=0.5, word_position_jitter=3)
     batch = make_batch(policy)
     noise = torch.randn(3, policy.config.chunk_size, policy.config.action_dim)
-    torch.testing.assert_close(policy.predict_action_chunk(batch, noise=noise), policy.predict_action_chunk(batch, noise=noise))
+    torch.testing.assert_close(
+        policy.predict_action_chunk(batch, noise=noise), policy.predict_action_chunk(batch, noise=noise)
+    )

@@ -254,6 +254,7 @@ def perception(cfg: RecipeConfig, env_ids: list[str]) -> Path:
     if stage_complete(cfg, "perception"):
         log(f"perception: {checkpoint} complete, reusing it")
         return checkpoint
+    stage_began = time.perf_counter()
     out = _fresh_stage_dir(cfg, "perception")
     config = vla_config(cfg.preset, **cfg.overrides)
     if config.vision != "scene":
@@ -295,7 +296,7 @@ def perception(cfg: RecipeConfig, env_ids: list[str]) -> Path:
         f"{head['resting']['median_cm']:.2f} cm (p90 {head['resting']['p90_cm']:.2f}), lifted median "
         f"{head.get('lifted', {}).get('median_cm', float('nan')):.2f} cm"
     )
-    mark_complete(cfg, "perception", {"wall_s": time.perf_counter() - began})
+    mark_complete(cfg, "perception", {"wall_s": time.perf_counter() - stage_began})
     return checkpoint
 
 
@@ -345,6 +346,7 @@ def train_policy(cfg: RecipeConfig, env_ids: list[str], perception_checkpoint: P
     if stage_complete(cfg, "policy"):
         log(f"policy: {checkpoint} complete, reusing it")
         return checkpoint
+    stage_began = time.perf_counter()
     out = _fresh_stage_dir(cfg, "policy")
     policy = from_pretrained(perception_checkpoint)
     demos = ChunkDataset(
@@ -387,7 +389,7 @@ def train_policy(cfg: RecipeConfig, env_ids: list[str], perception_checkpoint: P
         write_json(curve_path, curve)
         log(f"policy: step {point} ({minutes:.1f} training min): {100 * success:.1f}% success on the curve episodes")
     policy.save_pretrained(checkpoint)
-    mark_complete(cfg, "policy", {"encode_s": encode_s, "wall_s": time.perf_counter() - began})
+    mark_complete(cfg, "policy", {"encode_s": encode_s, "wall_s": time.perf_counter() - stage_began})
     return checkpoint
 
 
@@ -408,6 +410,7 @@ def evaluate_policy(cfg: RecipeConfig, env_ids: list[str], checkpoint: Path) -> 
     if stage_complete(cfg, "eval"):
         log(f"evaluate: {base} complete, reusing it")
         return {split: read_json(base / split / "eval_info.json") for split in SPLITS}
+    began = time.perf_counter()
     _fresh_stage_dir(cfg, "eval")
     policy = from_pretrained(checkpoint)
     results = {}
@@ -416,7 +419,7 @@ def evaluate_policy(cfg: RecipeConfig, env_ids: list[str], checkpoint: Path) -> 
         torch.manual_seed(cfg.seed)  # the sampler's noise: the same table from the same checkpoint
         results[split] = evaluate(policy, env_ids, config, base / split, progress=cfg.progress)
         log(f"evaluate: {split} phrasings {100 * results[split]['aggregated']['success_rate']:.1f}%")
-    mark_complete(cfg, "eval")
+    mark_complete(cfg, "eval", {"wall_s": time.perf_counter() - began})
     return results
 
 
@@ -461,8 +464,25 @@ def success_table(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
     return table
 
 
-def write_report(cfg: RecipeConfig, env_ids: list[str], timings: dict[str, float]) -> dict[str, Any]:
+def stage_times(cfg: RecipeConfig) -> dict[str, float]:
+    """Each stage's wall time when it ran (from its stage.json; a rerun that reused the
+    stage reports the run that made it), and their sum."""
     out = Path(cfg.output_dir)
+    times = {}
+    for stage in ("collect", "perception", "policy", "eval"):
+        record = read_json(out / stage / "stage.json") or {}
+        if "wall_s" in record:
+            times[stage] = float(record["wall_s"])
+        elif stage == "eval":  # made before stage times were recorded: the evaluations' own
+            walls = [read_json(out / "eval" / s / "eval_info.json") for s in SPLITS]
+            times[stage] = float(sum(w.get("wall_s", 0.0) for w in walls if w))
+    times["total"] = sum(times.values())
+    return times
+
+
+def write_report(cfg: RecipeConfig, env_ids: list[str]) -> dict[str, Any]:
+    out = Path(cfg.output_dir)
+    timings = stage_times(cfg)
     results = {split: read_json(out / "eval" / split / "eval_info.json") for split in SPLITS}
     table = success_table(results)
     probe = read_json(out / "perception" / "probe.json")
@@ -607,24 +627,16 @@ def run(cfg: RecipeConfig) -> dict[str, Any]:
     """Every stage in order; returns the report (also in ``results.json``)."""
     cfg.validate()
     env_ids = resolve_env_ids(cfg.suite)
-    timings: dict[str, float] = {}
     began = time.perf_counter()
     collect(cfg, env_ids)
-    timings["collect"] = time.perf_counter() - began
-    mark = time.perf_counter()
     perception_checkpoint = perception(cfg, env_ids)
-    timings["perception"] = time.perf_counter() - mark
-    mark = time.perf_counter()
     checkpoint = train_policy(cfg, env_ids, perception_checkpoint)
-    timings["policy"] = time.perf_counter() - mark
-    mark = time.perf_counter()
     evaluate_policy(cfg, env_ids, checkpoint)
-    timings["evaluate"] = time.perf_counter() - mark
-    timings["total"] = time.perf_counter() - began
-    report = write_report(cfg, env_ids, timings)
+    report = write_report(cfg, env_ids)
+    mean = report["success"]["mean"]
     log(
-        f"done in {timings['total'] / 60:.1f} min: {100 * report['success']['mean']['train']['rate']:.1f}% "
-        f"(training phrasings), {100 * report['success']['mean']['heldout']['rate']:.1f}% (held-out); "
+        f"done in {(time.perf_counter() - began) / 60:.1f} min: {100 * mean['train']['rate']:.1f}% "
+        f"(training phrasings), {100 * mean['heldout']['rate']:.1f}% (held-out); "
         f"report in {Path(cfg.output_dir) / 'results.md'}"
     )
     return report
