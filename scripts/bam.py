@@ -5,8 +5,8 @@
     python scripts/bam.py --share-kv --eval-episodes 10
     python scripts/bam.py --groups reach=ReachRed,ReachBlue pick=PickRed,PickGreen,PickBlue
 
-Branch: copies of one pretrained dense VLA (the ``make families`` / ``make demo`` one when
-present) are fine-tuned, each on one group of tasks (default: reach and push, pick,
+Branch: copies of one pretrained dense VLA (the shipped ``checkpoints/vla-tabletop-base``
+unless ``--pretrained``) are fine-tuned, each on one group of tasks (default: reach and push, pick,
 place, stack), into specialists. Mix (``policies.vla.mix_specialists``): specialist
 ``e``'s action-expert FFNs become routed expert ``e`` (top-2, as Branch-Train-MiX) and
 its attention becomes soft attention expert ``e``, everything else the specialists'
@@ -44,7 +44,7 @@ DEFAULT_GROUPS = {
     "place": ["PlaceBlueOnYellowPad", "PlaceRedOnPurplePad", "PlaceGreenOnYellowPad"],
     "stack": ["StackRedOnGreen", "StackBlueOnRed"],
 }
-PRETRAINED = [Path("outputs/families/checkpoints/dense_pretrained"), Path("outputs/demo/checkpoints/dense_pretrained")]
+PRETRAINED = [demo.SHIPPED_BASE]
 DATASETS = [Path("outputs/families/datasets"), Path("outputs/demo/datasets")]
 
 
@@ -87,7 +87,9 @@ def run(args: argparse.Namespace) -> int:
     pretrained = Path(args.pretrained) if args.pretrained else next((p for p in PRETRAINED if p.is_dir()), None)
     root = Path(args.datasets_root) if args.datasets_root else next((p for p in DATASETS if p.is_dir()), None)
     if pretrained is None or root is None:
-        raise SystemExit("no pretrained dense VLA or datasets found: run `make families` first, or pass both flags")
+        raise SystemExit(
+            "no pretrained dense VLA or datasets found: run `make demo` (or `make families`) first, or pass both flags"
+        )
     tasks = [t for group in groups.values() for t in group]
     env_ids = [f"{TABLETOP_PREFIX}{t}-v0" for t in tasks]
     specialists = [f"specialist_{name}" for name in groups]

@@ -5,11 +5,10 @@
     python scripts/families.py --variants dense adamoe soft --finetune-steps 100
     python scripts/families.py --update-readme      # and put the table into README.md
 
-The same pretrained dense VLA (``outputs/demo/checkpoints/dense_pretrained`` when
-``make demo`` has produced it, else pretrained here first, on ``outputs/demo/datasets``
-when present) is upcycled into each family and fine-tuned for the same steps on the same
-batches: dense, vanilla top-k, AdaMoE, Switch (top-1, capacity 1.25, token dropping),
-gating dropout, DynMoE top-any, THOR (random routing + consistency loss), SMEAR, Soft MoE,
+The same pretrained dense VLA (the shipped ``checkpoints/vla-tabletop-base``, or
+``--pretrained DIR``; demonstrations from ``outputs/demo/datasets`` when present) is
+upcycled into each family and fine-tuned for the same steps on the same batches: dense,
+vanilla top-k, AdaMoE, Switch (top-1, capacity 1.25, token dropping), gating dropout, DynMoE top-any, THOR (random routing + consistency loss), SMEAR, Soft MoE,
 SCMoE (top-2 trained, self-contrast decoding), AdaMoE with low-rank experts (rank 32,
 self-guided over the first 100 steps), and BAM (top-1 FFN experts plus soft attention
 experts, with their own keys and values or sharing them). Writes the main job's table
@@ -37,11 +36,8 @@ START, END = "<!-- families:start -->", "<!-- families:end -->"
 
 def with_defaults(argv: list[str]) -> list[str]:
     """The user's options over the families defaults (every family, outputs/families, the
-    demo's pretrained policy and datasets when they exist)."""
+    demo's datasets when they exist; the demo's own default base)."""
     defaults = ["--output-dir", "outputs/families", "--variants", *demo.KINDS]
-    pretrained = DEMO / "checkpoints" / "dense_pretrained"
-    if "--pretrained" not in argv and (pretrained / "model.safetensors").is_file():
-        defaults += ["--pretrained", str(pretrained)]
     if "--datasets-root" not in argv and (DEMO / "datasets").is_dir():
         defaults += ["--datasets-root", str(DEMO / "datasets")]
     given = {a for a in argv if a.startswith("--")}

@@ -103,7 +103,7 @@ def test_families_fine_tunes_each_family_and_writes_its_table_into_the_readme(qu
     done, _, _ = quick_run
     out = tmp_path / "families"
     argv = ["--quick", "--output-dir", str(out), "--suite", *TASKS, "--datasets-root", str(done / "datasets")]
-    argv += ["--pretrained", str(done / "checkpoints" / "dense_pretrained"), "--variants", "topany", "bam_kv"]
+    argv += ["--pretrained", str(done / "pretrain" / "policy" / "checkpoint"), "--variants", "topany", "bam_kv"]
     assert families.main([*argv, "--update-readme"]) == 0
     text = readme.read_text()
     assert text.startswith("intro\n<!-- families:start -->\n`python scripts/families.py --quick --output-dir")
@@ -111,7 +111,8 @@ def test_families_fine_tunes_each_family_and_writes_its_table_into_the_readme(qu
     assert "| topany | paper |" in text and "| bam_kv | paper |" in text and "| ReachRed |" in text
     rows = {r["variant"]: r for r in json.loads((out / "results.json").read_text())["variants"]}
     # Top-any: the measured experts per token (between 1 and all 4) set its active parameters.
-    policy = families.demo.upcycled(families.demo.parse_args(argv), done / "checkpoints" / "dense_pretrained", "topany")
+    base = done / "pretrain" / "policy" / "checkpoint"
+    policy = families.demo.upcycled(families.demo.parse_args(argv), base, "topany")
     per_expert = sum(p.numel() for p in policy.model.action_expert.layers[0].mlp.experts.parameters()) // 4
     depth = policy.config.depth
     assert rows["topany"]["params_total"] - 3 * depth * per_expert < rows["topany"]["params_active"]
@@ -134,7 +135,7 @@ def test_bam_mixes_specialists_and_compares_with_dense_at_equal_steps(quick_run,
     done, _, _ = quick_run
     out = tmp_path / "bam"
     argv = ["--quick", "--output-dir", str(out), "--datasets-root", str(done / "datasets")]
-    argv += ["--pretrained", str(done / "checkpoints" / "dense_pretrained"), "--share-kv"]
+    argv += ["--pretrained", str(done / "pretrain" / "policy" / "checkpoint"), "--share-kv"]
     argv += ["--groups", "reach=ReachRed", "pick=PickBlue", "--specialist-steps", "3", "--finetune-steps", "2"]
     assert bam.main(argv) == 0
     rows = [r["variant"] for r in json.loads((out / "results.json").read_text())["variants"]]
