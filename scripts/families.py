@@ -8,9 +8,10 @@
 The same pretrained dense VLA (the shipped ``checkpoints/vla-tabletop-base``, or
 ``--pretrained DIR``; demonstrations from ``outputs/demo/datasets`` when present) is
 upcycled into each family and fine-tuned for the same steps on the same batches: dense,
-vanilla top-k, AdaMoE, Switch (top-1, capacity 1.25, token dropping), gating dropout, DynMoE top-any, THOR (random routing + consistency loss), SMEAR, Soft MoE,
-SCMoE (top-2 trained, self-contrast decoding), AdaMoE with low-rank experts (rank 32,
-self-guided over the first 100 steps), and BAM (top-1 FFN experts plus soft attention
+vanilla top-k, AdaMoE, Switch (top-1, capacity 1.25, token dropping), gating dropout,
+DynMoE top-any, THOR (random routing + consistency loss), SMEAR, Soft MoE, SCMoE (top-2
+trained, self-contrast decoding), AdaMoE with low-rank experts (rank 32, self-guided
+over the first 100 steps), and BAM (top-1 FFN experts plus soft attention
 experts, with their own keys and values or sharing them). Writes the main job's table
 (success per task, parameters, active parameters, ``predict_action_chunk`` latency) to
 ``outputs/families/results.md``; ``--update-readme`` also writes it, with the command
