@@ -41,7 +41,7 @@ import adamoe  # noqa: E402
 import envs  # noqa: E402,F401  (GL backend first, registers the envs)
 from envs.collection import CollectionJob, dataset_id_for, run_collection  # noqa: E402
 from envs.datasets import dataset_path, episode_metadata, load_dataset  # noqa: E402
-from envs.registration import TABLETOP_PREFIX, resolve_env_ids  # noqa: E402
+from envs.registration import METAWORLD_PREFIX, TABLETOP_PREFIX, resolve_env_ids  # noqa: E402
 from policies import VLAPolicy, from_pretrained, vla_config  # noqa: E402
 from policies.data import ChunkDataset  # noqa: E402
 from policies.evaluation import EvalConfig, evaluate, task_name  # noqa: E402
@@ -160,6 +160,20 @@ class PipelineConfig:
                 f"no pretrained checkpoint at {self.pretrained}: pass --pretrained DIR, or --pretrain to "
                 f"pretrain one from nothing (`make pretrain` makes the shipped one)"
             )
+        else:
+            base = json.loads((Path(self.pretrained) / "config.json").read_text())
+            if self.overrides or self.preset != base.get("preset", self.preset):
+                raise ValueError(
+                    f"--preset {self.preset!r} / --set {self.overrides} shape a policy pretrained here; the run "
+                    f"starts from {self.pretrained} (preset {base.get('preset')!r}): add --pretrain, or drop them"
+                )
+            cameras = set(base.get("cameras", ()))
+            for env_id in resolve_env_ids(self.suite):
+                if env_id.startswith(METAWORLD_PREFIX) and not cameras <= {"corner", "corner2", "corner3", "topview"}:
+                    raise ValueError(
+                        f"{self.pretrained} sees the tabletop's cameras {sorted(cameras)}, not {env_id}'s: "
+                        "Meta-World needs --pretrained with a policy trained on it"
+                    )
 
     def recipe_config(self) -> recipe.RecipeConfig:
         """The pretraining recipe this run's ``--pretrain`` runs (in ``<output_dir>/pretrain``)."""

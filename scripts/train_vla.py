@@ -31,7 +31,7 @@ from policies.evaluation import EvalConfig, evaluate  # noqa: E402
 from policies.training import TrainConfig, train  # noqa: E402
 from policies.vla import parse_overrides  # noqa: E402
 from policies.vla.perception import encode_frames  # noqa: E402
-from policies.vla.recipe import BalancedSampler  # noqa: E402
+from policies.vla.recipe import ENCODER_STATE, BalancedSampler  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -94,12 +94,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(data):,} frames from {data.num_episodes} episodes in {len(datasets)} datasets")
     policy = VLAPolicy(config)
     if encoder is not None:  # its scene encoder and the statistics it was trained in
-        encoder_state = {
-            k: v for k, v in encoder.state_dict().items() if k.startswith(("model.scene_encoder.", "scene_"))
-        }
-        missing = policy.load_state_dict(encoder_state, strict=False).unexpected_keys
-        if missing:
-            raise SystemExit(f"error: {args.encoder} does not fit this config: unexpected {missing[:3]}")
+        ours = {k: v for k, v in policy.state_dict().items() if k.startswith(ENCODER_STATE)}
+        theirs = {k: v for k, v in encoder.state_dict().items() if k.startswith(ENCODER_STATE)}
+        mismatched = sorted(k for k in ours if k not in theirs or theirs[k].shape != ours[k].shape)
+        if config.vision != "scene" or getattr(encoder.config, "vision", None) != "scene" or mismatched:
+            print(
+                f"error: --encoder {args.encoder} must hold a scene encoder of this config's shape "
+                f"(vision='scene', scene_* fields as the preset's); mismatched: {mismatched[:3]}",
+                file=sys.stderr,
+            )
+            return 2
+        policy.load_state_dict(theirs, strict=False)
     policy.set_normalization(data.stats(), scene=encoder is None)
     if encoder is not None and config.freeze_vision:
         data.attach_frame_features(encode_frames(policy, data.get, len(data)))

@@ -231,3 +231,34 @@ def test_recipe_rejects_bad_settings_before_collecting(tmp_path):
     with pytest.raises(ValueError, match="steps must be a positive integer"):
         recipe.run(recipe.RecipeConfig(output_dir=str(tmp_path), steps=0))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_config_saved_before_scene_vision_existed_loads_as_the_conv_policy_it_was():
+    config = vla_config("tiny", vision="conv").to_dict()
+    del config["vision"]
+    assert policies_config_from(config).vision == "conv"
+    with pytest.raises(ValueError, match="scene_aux_dim=25 reads out the conv stem"):
+        vla_config("tiny", scene_aux_dim=25)
+
+
+def policies_config_from(data):
+    from policies import VLAConfig
+
+    return VLAConfig.from_dict(data)
+
+
+def test_an_interrupted_stage_is_not_complete_and_other_settings_clear_only_its_outputs(tmp_path):
+    cfg = recipe.RecipeConfig(**{**recipe.QUICK, "output_dir": str(tmp_path), "progress": False})
+    mine = tmp_path / "policy" / "notes.txt"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("a user's file")
+    recipe.start_stage(cfg, "policy")
+    (tmp_path / "policy" / "curve.json").write_text("[]")
+    assert not recipe.stage_complete(cfg, "policy")  # started, never finished
+    recipe.start_stage(cfg, "policy")  # same settings: kept, to resume
+    assert (tmp_path / "policy" / "curve.json").exists()
+    changed = recipe.RecipeConfig(**{**recipe.QUICK, "output_dir": str(tmp_path), "steps": 31})
+    recipe.start_stage(changed, "policy")
+    assert not (tmp_path / "policy" / "curve.json").exists() and mine.read_text() == "a user's file"
+    with pytest.raises(ValueError, match="balance='tasks'"):
+        recipe.RecipeConfig(output_dir=str(tmp_path), balance="tasks").validate()

@@ -189,3 +189,12 @@ def test_experiment_aggregates_seeds_and_pairs_each_variant_with_dense_in_the_sa
     table = experiment.to_markdown(list(rows.values()), [0, 1])
     assert "| thor | +15.0 ± 7.1% | +0.0 ± 0.0% | +0.0050 ± 0.0071 |" in table
     assert "| pretrained | 10 / 5 |" not in table and "10.0% (1 seed) | - |" in table
+
+
+def test_demo_refuses_model_options_that_the_shipped_base_would_ignore(demo):
+    cfg = demo.parse_args(["--set", "depth=2"])
+    with pytest.raises(ValueError, match="add --pretrain"):
+        cfg.validate()
+    cfg = demo.parse_args(["--pretrained", str(ROOT / "checkpoints" / "vla-tabletop-base"), "--suite", "mt10"])
+    with pytest.raises(ValueError, match="Meta-World needs --pretrained"):
+        cfg.validate()

@@ -167,6 +167,11 @@ class VLAConfig(JSONConfig):
             raise ValueError(f"word_position_jitter must be an integer >= 0, got {self.word_position_jitter!r}")
         if not isinstance(self.scene_aux_dim, int) or self.scene_aux_dim < 0:
             raise ValueError(f"scene_aux_dim must be an integer >= 0, got {self.scene_aux_dim!r}")
+        if self.scene_aux_dim and self.vision != "conv":
+            raise ValueError(
+                f"scene_aux_dim={self.scene_aux_dim} reads out the conv stem's image tokens; it needs vision='conv' "
+                f"(vision={self.vision!r} trains its scene encoder on positions in its own stage)"
+            )
         if not isinstance(self.keypoints, int) or self.keypoints < 0:
             raise ValueError(f"keypoints must be an integer >= 0, got {self.keypoints!r}")
         if self.n_action_steps > self.chunk_size:
@@ -198,6 +203,11 @@ class VLAConfig(JSONConfig):
                     f"{name} must be None or a dict with a 'config' dict (as upcycling writes it), got {record!r}"
                 )
             config_class.from_dict(record["config"])
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VLAConfig:
+        # A config.json written before ``vision`` existed is an end-to-end conv policy.
+        return super().from_dict({"vision": "conv", **data} if "vision" not in data else data)
 
     @property
     def scene_indices(self) -> list[int]:

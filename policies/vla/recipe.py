@@ -39,10 +39,10 @@ import torch
 from envs.collection import CollectionJob, dataset_id_for, run_collection
 from envs.datasets import dataset_path
 from envs.registration import resolve_env_ids
-from policies.data import ChunkDataset
+from policies.data import BALANCES, ChunkDataset
 from policies.evaluation import EvalConfig, evaluate
 from policies.pretrained import from_pretrained
-from policies.training import TrainConfig, train
+from policies.training import TrainConfig, resolve_device, train
 from policies.vla.configuration_vla import vla_config
 from policies.vla.modeling_vla import VLAPolicy
 from policies.vla.perception import (
@@ -57,6 +57,7 @@ from policies.vla.perception import (
 STAGES = ("collect", "perception", "policy", "evaluate", "report")
 SPLITS = ("train", "heldout")
 ENCODER_FIELDS = ("vision", "cameras", "image_size", "state_dim")  # with every scene_* field
+ENCODER_STATE = ("model.scene_encoder.", "scene_target_norm.", "scene_state_norm.")
 LIFTED_Z = 0.03  # a cube whose centre is this high is off the table (resting: z = 0.02)
 
 
@@ -117,6 +118,8 @@ class RecipeConfig:
             levels = getattr(self, name)
             if not levels or any(not math.isfinite(n) or n < 0 for n in levels):
                 raise ValueError(f"{name} must be a non-empty list of finite values >= 0, got {levels!r}")
+        if self.balance not in BALANCES:
+            raise ValueError(f"balance={self.balance!r}; valid choices are {BALANCES}")
         vla_config(self.preset, **self.overrides)  # names a bad preset or override now, not after collection
 
     @property
@@ -167,44 +170,47 @@ def _fingerprint(settings: dict[str, Any]) -> str:
 
 
 def stage_complete(cfg: RecipeConfig, stage: str) -> bool:
-    """The stage's output exists and was made with today's settings."""
+    """The stage finished, with today's settings."""
     record = read_json(Path(cfg.output_dir) / stage / "stage.json")
     if record is None:
         return False
     if record.get("fingerprint") != _fingerprint(_stage_settings(cfg, stage)):
         log(f"{stage}: settings changed since {Path(cfg.output_dir) / stage} was made; running it again")
         return False
-    return True
+    return bool(record.get("complete", True))  # records before the in-progress marker were final ones
 
 
 def mark_complete(cfg: RecipeConfig, stage: str, extra: dict[str, Any] | None = None) -> None:
     settings = _stage_settings(cfg, stage)
-    record = {"fingerprint": _fingerprint(settings), "settings": settings, **(extra or {})}
+    record = {"fingerprint": _fingerprint(settings), "complete": True, "settings": settings, **(extra or {})}
     write_json(Path(cfg.output_dir) / stage / "stage.json", record)
 
 
-def _fresh_stage_dir(cfg: RecipeConfig, stage: str) -> Path:
-    """The stage's directory, emptied of a previous run's output with other settings (only
-    the names this recipe writes there are removed)."""
+# What each stage writes in its own directory: the only names a rerun with other settings removes.
+STAGE_OUTPUTS = {
+    "collect": ("stage.json",),
+    "perception": ("stage.json", "checkpoint", "probe.json"),
+    "policy": ("stage.json", "checkpoint", "run", "curve.json"),
+    "eval": ("stage.json", *SPLITS),
+}
+
+
+def start_stage(cfg: RecipeConfig, stage: str) -> Path:
+    """The stage's directory, marked as in progress with today's settings. A previous run's
+    output with other settings, finished or not, is removed first (only what this stage
+    writes); an unfinished run with the same settings is kept, to resume."""
     path = Path(cfg.output_dir) / stage
+    fingerprint = _fingerprint(_stage_settings(cfg, stage))
     record = read_json(path / "stage.json")
-    if record is not None and record.get("fingerprint") != _fingerprint(_stage_settings(cfg, stage)):
-        for name in (
-            "stage.json",
-            "checkpoint",
-            "run",
-            "probe.json",
-            "curve.json",
-            "eval_info.json",
-            "train",
-            "heldout",
-        ):
+    if record is None or record.get("fingerprint") != fingerprint:
+        for name in STAGE_OUTPUTS[stage]:
             target = path / name
             if target.is_dir():
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
     path.mkdir(parents=True, exist_ok=True)
+    write_json(path / "stage.json", {"fingerprint": fingerprint, "complete": False})
     return path
 
 
@@ -217,6 +223,7 @@ def collect(cfg: RecipeConfig, env_ids: list[str]) -> dict[str, Any]:
         log(f"collect: datasets complete under {cfg.root}, reusing them")
         return read_json(Path(cfg.output_dir) / "collect" / "stage.json")["summary"]
     began = time.perf_counter()
+    start_stage(cfg, "collect")  # an interrupted collection never counts as complete
     summary: dict[str, Any] = {}
     # The scenes take the next seed block: no perception frame shows a demonstration scene.
     jobs = (
@@ -255,7 +262,7 @@ def perception(cfg: RecipeConfig, env_ids: list[str]) -> Path:
         log(f"perception: {checkpoint} complete, reusing it")
         return checkpoint
     stage_began = time.perf_counter()
-    out = _fresh_stage_dir(cfg, "perception")
+    out = start_stage(cfg, "perception")
     config = vla_config(cfg.preset, **cfg.overrides)
     if config.vision != "scene":
         raise ValueError(f"the recipe trains a scene encoder; preset {cfg.preset!r} has vision={config.vision!r}")
@@ -267,7 +274,7 @@ def perception(cfg: RecipeConfig, env_ids: list[str]) -> Path:
     held_out = scenes.frame_episode % 10 == 0  # every tenth episode: scenes the encoder never trains on
     fit_frames, probe_frames = np.flatnonzero(~held_out), np.flatnonzero(held_out)
     torch.manual_seed(cfg.seed)
-    policy = VLAPolicy(config)
+    policy = VLAPolicy(config).to(resolve_device(cfg.device))
     policy.set_normalization(scenes.stats())
     log(
         f"perception: scene encoder on {len(fit_frames):,} frames ({len(probe_frames):,} held out for the probe), "
@@ -347,8 +354,14 @@ def train_policy(cfg: RecipeConfig, env_ids: list[str], perception_checkpoint: P
         log(f"policy: {checkpoint} complete, reusing it")
         return checkpoint
     stage_began = time.perf_counter()
-    out = _fresh_stage_dir(cfg, "policy")
-    policy = from_pretrained(perception_checkpoint)
+    out = start_stage(cfg, "policy")
+    # Today's config (a changed policy setting reruns this stage, not perception), with the
+    # trained scene encoder and the statistics it was trained in.
+    torch.manual_seed(cfg.seed)  # the policy's initial weights: those the perception stage saved beside its encoder
+    policy = VLAPolicy(vla_config(cfg.preset, **cfg.overrides))
+    encoder = from_pretrained(perception_checkpoint)
+    trained = {k: v for k, v in encoder.state_dict().items() if k.startswith(ENCODER_STATE)}
+    policy.load_state_dict(trained, strict=False)
     demos = ChunkDataset(
         _datasets(cfg, env_ids, "demos"),
         policy.config.chunk_size,
@@ -358,7 +371,8 @@ def train_policy(cfg: RecipeConfig, env_ids: list[str], perception_checkpoint: P
     )
     policy.set_normalization(demos.stats(), scene=False)
     began = time.perf_counter()
-    demos.attach_frame_features(encode_frames(policy, demos.get, len(demos)))
+    if policy.config.freeze_vision:  # a frozen encoder's outputs are a function of the frame
+        demos.attach_frame_features(encode_frames(policy, demos.get, len(demos)))
     encode_s = time.perf_counter() - began
     log(f"policy: encoder outputs cached for {len(demos):,} frames in {encode_s:.0f} s")
     train_config = TrainConfig(
@@ -388,6 +402,9 @@ def train_policy(cfg: RecipeConfig, env_ids: list[str], perception_checkpoint: P
         curve.append({"step": point, "minutes": minutes, "success": success, "loss": summary["final_loss"]})
         write_json(curve_path, curve)
         log(f"policy: step {point} ({minutes:.1f} training min): {100 * success:.1f}% success on the curve episodes")
+    # The last point's weights (loaded from the run's checkpoint when every curve point was
+    # already measured before an interruption).
+    train(policy, data, train_config, out / "run", resume=True)
     policy.save_pretrained(checkpoint)
     mark_complete(cfg, "policy", {"encode_s": encode_s, "wall_s": time.perf_counter() - stage_began})
     return checkpoint
@@ -411,8 +428,8 @@ def evaluate_policy(cfg: RecipeConfig, env_ids: list[str], checkpoint: Path) -> 
         log(f"evaluate: {base} complete, reusing it")
         return {split: read_json(base / split / "eval_info.json") for split in SPLITS}
     began = time.perf_counter()
-    _fresh_stage_dir(cfg, "eval")
-    policy = from_pretrained(checkpoint)
+    start_stage(cfg, "eval")
+    policy = from_pretrained(checkpoint, device=resolve_device(cfg.device))
     results = {}
     for split in SPLITS:
         config = EvalConfig(episodes_per_task=cfg.eval_episodes, instruction_split=split, videos_per_task=1)
