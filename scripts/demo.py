@@ -48,6 +48,7 @@ from policies.evaluation import EvalConfig, evaluate, task_name  # noqa: E402
 from policies.training import TrainConfig, train  # noqa: E402
 from policies.vla import parse_overrides, recipe  # noqa: E402
 from policies.vla.perception import SCENE_FEATURES, SCENE_POSITIONS, encode_frames  # noqa: E402
+from policies.vla.recipe import log, write_json  # noqa: E402
 
 SHIPPED_BASE = Path(__file__).resolve().parents[1] / "checkpoints" / "vla-tabletop-base"
 
@@ -240,17 +241,6 @@ def parse_variant(name: str, default_init: str) -> tuple[str, str | None]:
     if init not in adamoe.config.INITS:
         raise ValueError(f"variant {name!r}: init {init!r} is not one of {adamoe.config.INITS}")
     return kind, init
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
 
 
 # -- stages ---------------------------------------------------------------------------

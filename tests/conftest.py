@@ -5,4 +5,19 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
+
 import envs  # noqa: E402,F401  (registers the env ids and picks the GL backend before mujoco loads)
+
+# Normalisation statistics for tiny test policies: state, action, and the environment
+# state a scene encoder's targets come from.
+TINY_STATS = {
+    "observation.state": {"mean": np.zeros(4), "std": np.full(4, 0.1), "min": -np.ones(4), "max": np.ones(4)},
+    "action": {"mean": np.zeros(4), "std": np.full(4, 0.5), "min": -np.ones(4), "max": np.ones(4)},
+    "observation.environment_state": {
+        "mean": np.full(25, 0.05),
+        "std": np.full(25, 0.1),
+        "min": -np.ones(25),
+        "max": np.ones(25),
+    },
+}

@@ -21,17 +21,9 @@ from policies.vla.perception import (
     spatial_softmax,
     train_scene_encoder,
 )
+from tests.conftest import TINY_STATS
 
-STATS = {
-    "observation.state": {"mean": np.zeros(4), "std": np.full(4, 0.1), "min": -np.ones(4), "max": np.ones(4)},
-    "action": {"mean": np.zeros(4), "std": np.full(4, 0.5), "min": -np.ones(4), "max": np.ones(4)},
-    "observation.environment_state": {
-        "mean": np.full(25, 0.05),
-        "std": np.full(25, 0.1),
-        "min": -np.ones(25),
-        "max": np.ones(25),
-    },
-}
+STATS = TINY_STATS
 
 
 def make_policy(seed=0, **overrides):

@@ -22,21 +22,13 @@ from policies.vla.modeling_vla import (
     time_embedding,
     velocity,
 )
+from tests.conftest import TINY_STATS
 
 
 def make_policy(seed=0, **overrides):
     torch.manual_seed(seed)
     policy = VLAPolicy(vla_config("tiny", **overrides))
-    stats = {
-        "observation.state": {"mean": np.zeros(4), "std": np.full(4, 0.1), "min": -np.ones(4), "max": np.ones(4)},
-        "action": {"mean": np.zeros(4), "std": np.full(4, 0.5), "min": -np.ones(4), "max": np.ones(4)},
-        "observation.environment_state": {
-            "mean": np.full(25, 0.05),
-            "std": np.full(25, 0.1),
-            "min": -np.ones(25),
-            "max": np.ones(25),
-        },
-    }
+    stats = TINY_STATS
     policy.set_normalization(stats)
     return policy.eval()
 
