@@ -99,3 +99,33 @@ def augment(
     out_grams.scatter_(1, target[..., None].expand_as(grams), grams)
     out_grams = out_grams[:, :width]
     return out_ids, out_grams, out_ids != PAD_ID
+
+
+def insert_unknown(
+    ids: torch.Tensor, grams: torch.Tensor, valid: torch.Tensor, rate: float, buckets: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training-time augmentation on encoded rows (torch's global RNG): before each word, an
+    unknown word is inserted with probability ``rate`` while the row has room (its words
+    stay, in order). An unknown word is a random word id with 3 to 12 random n-gram ids, as
+    a paraphrase's new words look to the hashing tokenizer, so a policy learns to read past
+    words it has never seen and to find the words it knows at places it has not seen them."""
+    rows, width = ids.shape
+    room = width - valid.sum(1, keepdim=True)
+    insert = (torch.rand(rows, width) < rate) & valid
+    insert &= insert.cumsum(1) <= room
+    before = insert.cumsum(1)  # unknown words inserted before (and at) each column
+    column = torch.arange(width)
+    spill = torch.full_like(ids, width)  # dropped entries land in a column cut off at the end
+    word_to = torch.where(valid, column + before, spill)
+    new_to = torch.where(insert, column + before - 1, spill)
+    new_ids = torch.randint(1, buckets + 1, (rows, width), dtype=ids.dtype)
+    count = torch.randint(3, min(12, grams.shape[2]) + 1, (rows, width, 1))
+    new_grams = torch.randint(1, buckets + 1, grams.shape, dtype=grams.dtype)
+    new_grams *= torch.arange(grams.shape[2]) < count
+    out_ids = torch.zeros(rows, width + 1, dtype=ids.dtype)
+    out_ids.scatter_(1, word_to, ids).scatter_(1, new_to, new_ids)
+    out_grams = torch.zeros(rows, width + 1, grams.shape[2], dtype=grams.dtype)
+    out_grams.scatter_(1, word_to[..., None].expand_as(grams), grams)
+    out_grams.scatter_(1, new_to[..., None].expand_as(grams), new_grams)
+    out_ids, out_grams = out_ids[:, :width], out_grams[:, :width]
+    return out_ids, out_grams, out_ids != PAD_ID

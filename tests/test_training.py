@@ -99,7 +99,7 @@ def test_moe_routers_get_their_own_learning_rate(dataset):
     assert len(groups["router"]["params"]) == 2 * policy.config.depth  # W_r and W_s per layer
     assert groups["no_decay"]["weight_decay"] == 0.0 and groups["decay"]["weight_decay"] > 0
     no_decay = {id(p) for p in groups["no_decay"]["params"]}
-    assert id(policy.model.text_pos) in no_decay and id(policy.model.prefix_layers[0].input_norm.weight) in no_decay
+    assert id(policy.model.text.embed.weight) in no_decay and id(policy.model.prefix_layers[0].input_norm.weight) in no_decay
 
 
 class OneBatch:

@@ -400,9 +400,9 @@ def test_checkpoint_with_a_missing_or_misshaped_tensor_names_it(tmp_path):
     weights = tmp_path / "ckpt" / "model.safetensors"
     tensors = load_file(str(weights))
     missing = dict(tensors)
-    del missing["model.text_pos"]
+    del missing["model.text.embed.weight"]
     save_file(missing, str(weights))
-    with pytest.raises(ValueError, match="missing tensor 'model.text_pos'"):
+    with pytest.raises(ValueError, match="missing tensor 'model.text.embed.weight'"):
         policies.from_pretrained(tmp_path / "ckpt")
     misshaped = dict(tensors)
     misshaped["action_norm.std"] = torch.ones(5)
@@ -431,7 +431,7 @@ def test_save_pretrained_replaces_a_checkpoint_atomically(tmp_path, monkeypatch)
 
     monkeypatch.setattr(policies.pretrained, "save_tensors", broken)
     with torch.no_grad():
-        policy.model.text_pos.add_(1.0)
+        policy.model.text.embed.weight.add_(1.0)
     with pytest.raises(OSError, match="disk full"):
         policy.save_pretrained(tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "model.safetensors").read_bytes() == before
@@ -508,3 +508,75 @@ def test_word_augmentation_keeps_order_drops_words_and_only_acts_in_training():
     torch.testing.assert_close(
         policy.predict_action_chunk(batch, noise=noise), policy.predict_action_chunk(batch, noise=noise)
     )
+
+
+def test_unknown_word_insertion_keeps_every_word_in_order_and_fits_the_row():
+    from policies.tokenizer import insert_unknown
+
+    texts = ["stack the blue cube on the red one", "pick up the red block and set it down on the yellow target"]
+    ids, grams, valid = encode(texts)
+    torch.manual_seed(0)
+    for a, b in zip(insert_unknown(ids, grams, valid, 0.0, 4096), (ids, grams, valid), strict=True):
+        torch.testing.assert_close(a, b)  # rate 0: the rows unchanged
+    inserted = 0
+    for seed in range(20):
+        torch.manual_seed(seed)
+        out_ids, out_grams, out_valid = insert_unknown(ids, grams, valid, 0.5, 4096)
+        assert out_ids.shape == ids.shape and out_grams.shape == grams.shape
+        for row in range(2):
+            original = ids[row][valid[row]].tolist()
+            count = int(out_valid[row].sum())
+            assert out_valid[row][:count].all()  # contiguous from the first column
+            words = out_ids[row, :count].tolist()
+            it = iter(words)
+            assert all(word in it for word in original)  # every word kept, in order
+            inserted += count - len(original)
+            cols = iter(range(count))
+            for source, word in enumerate(original):  # each kept word keeps its own n-grams
+                col = next(c for c in cols if out_ids[row, c] == word)
+                torch.testing.assert_close(out_grams[row, col], grams[row, source])
+    assert inserted > 40  # ~half the gaps of the short row (the long one has 3 free columns)
+
+
+def test_fractional_word_positions_are_the_same_for_any_padding_and_span_first_to_last():
+    from policies.vla.modeling_vla import fraction_features
+
+    _, _, valid = encode(["push the red cube onto the yellow pad", "reach"], max_words=16)
+    wide = fraction_features(valid)
+    narrow = fraction_features(valid[:, :9])
+    torch.testing.assert_close(wide[:, :9], narrow)
+    # first word at fraction 0 (sin 0, cos 1), last at 1 (sin(pi k) = 0, cos = (-1)^k)
+    k = wide.shape[-1] // 2
+    torch.testing.assert_close(wide[0, 0, k:], torch.ones(k))
+    torch.testing.assert_close(wide[0, 7, k:], torch.tensor([(-1.0) ** i for i in range(1, k + 1)]))
+    torch.testing.assert_close(wide[0, 7, :k], torch.zeros(k), atol=1e-6, rtol=0)
+    torch.testing.assert_close(wide[1, 0, k:], torch.ones(k))  # a one-word instruction: fraction 0
+
+
+@pytest.mark.parametrize("overrides", [{"word_positions": "fraction"}, {"word_positions": "none"}, {"text_tokens": 3}])
+def test_language_variants_ignore_padding_and_train(overrides):
+    policy = make_policy(**overrides)
+    batch = make_batch(policy)
+    noise = torch.randn(3, policy.config.chunk_size, policy.config.action_dim)
+    chunk = policy.predict_action_chunk(batch, noise=noise)
+    policy.config.max_words = 24  # more padding columns change nothing
+    torch.testing.assert_close(policy.predict_action_chunk(batch, noise=noise), chunk)
+    policy.train()
+    loss, _ = policy(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    reads_words = policy.model.text.embed.weight.grad
+    assert reads_words is not None and reads_words.abs().sum() > 0
+
+
+def test_language_settings_are_validated_and_old_configs_load_with_learned_positions():
+    with pytest.raises(ValueError, match="word_positions='sentence' is not one of"):
+        vla_config("tiny", word_positions="sentence")
+    with pytest.raises(ValueError, match="word_insertion must be in"):
+        vla_config("tiny", word_insertion=1.5)
+    with pytest.raises(ValueError, match="text_tokens must be an integer >= 0"):
+        vla_config("tiny", text_tokens=-1)
+    data = vla_config("tiny").to_dict()
+    del data["word_positions"], data["word_insertion"], data["text_tokens"]
+    old = policies.VLAConfig.from_dict(data)
+    assert old.word_positions == "learned" and old.word_insertion == 0.0 and old.text_tokens == 0

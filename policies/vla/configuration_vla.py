@@ -10,6 +10,7 @@ from adamoe import MoAConfig, MoEConfig
 from adamoe.config import JSONConfig
 
 VISIONS = ("scene", "conv")
+WORD_POSITIONS = ("learned", "fraction", "none")
 
 
 @dataclass
@@ -63,6 +64,19 @@ class VLAConfig(JSONConfig):
     # from 70.0% to 60.5% (docs/pretraining.md).
     word_dropout: float = 0.0
     word_position_jitter: int = 0
+    # Training-only (``policies.tokenizer.insert_unknown``): before each word, an unknown
+    # word (random hashed ids) is inserted with this probability, so a policy learns to read
+    # past words it never saw and to find known words at new places. Where a word sits:
+    # "fraction" (its index as a fraction of the instruction's length, in Fourier features:
+    # "early" and "late" mean the same in a long paraphrase as in a short one), "learned"
+    # (one learned vector per index) or "none" (a bag of words). Measured on the tabletop
+    # suite (docs/pretraining.md), these two defaults together raised held-out-phrasing
+    # success from 62% to 99% at 4,000 steps.
+    word_insertion: float = 0.15
+    word_positions: str = "fraction"
+    # 0: one prefix token per word; k > 0: k learned queries read the words and the prefix
+    # carries those k tokens instead (fewer tokens, the same for every instruction).
+    text_tokens: int = 0
     # Transformers.
     depth: int = 4
     num_heads: int = 4
@@ -165,6 +179,12 @@ class VLAConfig(JSONConfig):
             raise ValueError(f"word_dropout must be in [0, 1), got {self.word_dropout!r}")
         if not isinstance(self.word_position_jitter, int) or self.word_position_jitter < 0:
             raise ValueError(f"word_position_jitter must be an integer >= 0, got {self.word_position_jitter!r}")
+        if not (isinstance(self.word_insertion, (int, float)) and 0.0 <= self.word_insertion < 1.0):
+            raise ValueError(f"word_insertion must be in [0, 1), got {self.word_insertion!r}")
+        if not isinstance(self.text_tokens, int) or isinstance(self.text_tokens, bool) or self.text_tokens < 0:
+            raise ValueError(f"text_tokens must be an integer >= 0, got {self.text_tokens!r}")
+        if self.word_positions not in WORD_POSITIONS:
+            raise ValueError(f"word_positions={self.word_positions!r} is not one of {WORD_POSITIONS}")
         if not isinstance(self.scene_aux_dim, int) or self.scene_aux_dim < 0:
             raise ValueError(f"scene_aux_dim must be an integer >= 0, got {self.scene_aux_dim!r}")
         if self.scene_aux_dim and self.vision != "conv":
@@ -206,8 +226,10 @@ class VLAConfig(JSONConfig):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VLAConfig:
-        # A config.json written before ``vision`` existed is an end-to-end conv policy.
-        return super().from_dict({"vision": "conv", **data} if "vision" not in data else data)
+        # A config.json written before a setting existed means what the code did then: an
+        # end-to-end conv policy, one learned vector per word position, one token per word.
+        legacy = {"vision": "conv", "word_positions": "learned", "word_insertion": 0.0, "text_tokens": 0}
+        return super().from_dict({**legacy, **data})
 
     @property
     def scene_indices(self) -> list[int]:

@@ -35,7 +35,7 @@ import adamoe
 from adamoe import MoAConfig, MoEConfig
 from policies.normalize import Normalizer
 from policies.pretrained import PretrainedPolicy, register_policy
-from policies.tokenizer import PAD_ID, augment, encode
+from policies.tokenizer import PAD_ID, augment, encode, insert_unknown
 from policies.vla.configuration_vla import VLAConfig
 from policies.vla.perception import SCENE_FEATURES, SCENE_POSITIONS, SceneEncoder
 
@@ -171,6 +171,20 @@ class TextEncoder(nn.Module):
         return self.embed(ids) + self.embed(grams).sum(-2) / gram_count  # (B, words, D)
 
 
+FRACTION_FREQUENCIES = 4
+
+
+def fraction_features(valid: torch.Tensor) -> torch.Tensor:
+    """Each word's place in its instruction as a fraction (first 0, last 1), in Fourier
+    features ``(B, words, 2 * FRACTION_FREQUENCIES)``: sin and cos of ``pi * k * fraction``,
+    k = 1..F. Padding (``valid`` False) gets the features of the last word; it is never read."""
+    index = (valid.cumsum(1) - 1).clamp_min(0).float()
+    last = index.max(1, keepdim=True).values.clamp_min(1.0)
+    fraction = index / last
+    angles = fraction[..., None] * torch.pi * torch.arange(1, FRACTION_FREQUENCIES + 1, device=valid.device)
+    return torch.cat([angles.sin(), angles.cos()], -1)
+
+
 class GatedMLP(nn.Module):
     """GeGLU feed-forward (as Gemma, pi0's backbone): ``down(gelu(gate(x)) * up(x))``."""
 
@@ -183,6 +197,26 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TextPool(nn.Module):
+    """``tokens`` learned queries read the instruction's words (one cross-attention, then a
+    gated MLP): the prefix carries that many language tokens whatever the instruction's length."""
+
+    def __init__(self, width: int, tokens: int, heads: int) -> None:
+        super().__init__()
+        self.query_embed = nn.Parameter(torch.randn(tokens, width) * 0.02)
+        self.input_norm = nn.RMSNorm(width, eps=1e-6)
+        self.attention = nn.MultiheadAttention(width, heads, bias=False, batch_first=True)
+        self.post_norm = nn.RMSNorm(width, eps=1e-6)
+        self.mlp = GatedMLP(width, 2 * width)
+
+    def forward(self, words: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        queries = self.query_embed.expand(words.shape[0], -1, -1)
+        keys = self.input_norm(words)
+        read, _ = self.attention(queries, keys, keys, key_padding_mask=~valid, need_weights=False)
+        x = queries + read
+        return x + self.mlp(self.post_norm(x))
 
 
 class Layer(nn.Module):
@@ -316,7 +350,9 @@ class VLAModel(nn.Module):
             self.object_embed = nn.Parameter(torch.randn(len(c.scene_objects) + 1, d) * 0.02)
             self.scene_token = nn.Linear(c.scene_hidden, d)
         self.text = TextEncoder(d, c.text_buckets)
-        self.text_pos = nn.Parameter(torch.randn(c.max_words, d) * 0.02)
+        self.text_pos = nn.Parameter(torch.randn(c.max_words, d) * 0.02) if c.word_positions == "learned" else None
+        self.text_fraction = nn.Linear(2 * FRACTION_FREQUENCIES, d) if c.word_positions == "fraction" else None
+        self.text_pool = TextPool(d, c.text_tokens, c.num_heads) if c.text_tokens else None
         self.prefix_layers = nn.ModuleList(
             Layer(d, c.num_heads, c.head_dim, c.mlp_ratio, c.dropout, kv_only=(i == c.depth - 1))
             for i in range(c.depth)
@@ -360,7 +396,14 @@ class VLAModel(nn.Module):
     def embed_prefix(self, visual: torch.Tensor, text: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """Visual tokens ``(B, V, D)`` and encoded words -> prefix tokens ``(B, P, D)`` and validity."""
         word_ids, grams, txt_valid = text
-        txt = self.text(word_ids, grams) + self.text_pos[: word_ids.shape[1]]
+        txt = self.text(word_ids, grams)
+        if self.text_pos is not None:
+            txt = txt + self.text_pos[: word_ids.shape[1]]
+        elif self.text_fraction is not None:
+            txt = txt + self.text_fraction(fraction_features(txt_valid))
+        if self.text_pool is not None:
+            txt = self.text_pool(txt, txt_valid)
+            txt_valid = torch.ones(txt.shape[:2], dtype=torch.bool, device=txt.device)
         tokens = torch.cat([visual, txt], dim=1)
         valid = torch.cat([torch.ones(visual.shape[:2], dtype=torch.bool, device=txt.device), txt_valid], 1)
         return tokens, valid
@@ -586,6 +629,8 @@ class VLAPolicy(PretrainedPolicy):
         ids, grams, valid = encode(task, c.max_words, c.text_buckets, c.ngram_range, c.max_ngrams)
         if self.training and (c.word_dropout > 0 or c.word_position_jitter > 0):
             ids, grams, valid = augment(ids, grams, valid, c.word_dropout, c.word_position_jitter)
+        if self.training and c.word_insertion > 0:
+            ids, grams, valid = insert_unknown(ids, grams, valid, c.word_insertion, c.text_buckets)
         # Trailing columns that are padding in every row change nothing (padding is never a
         # key, and nobody reads a padding token's output): drop them to save compute.
         used = valid.any(0).nonzero()
@@ -594,7 +639,7 @@ class VLAPolicy(PretrainedPolicy):
 
     @property
     def _device(self) -> torch.device:
-        return self.model.text_pos.device
+        return self.model.text.embed.weight.device
 
     def train(self, mode: bool = True) -> VLAPolicy:
         super().train(mode)
