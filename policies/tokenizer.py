@@ -110,16 +110,18 @@ def insert_unknown(
     a paraphrase's new words look to the hashing tokenizer, so a policy learns to read past
     words it has never seen and to find the words it knows at places it has not seen them."""
     rows, width = ids.shape
-    room = width - valid.sum(1, keepdim=True)
+    column = torch.arange(width)
+    # Free columns after the row's last word (words may start late: ``augment``'s jitter).
+    room = width - (valid * (column + 1)).max(1, keepdim=True).values
     insert = (torch.rand(rows, width) < rate) & valid
     insert &= insert.cumsum(1) <= room
     before = insert.cumsum(1)  # unknown words inserted before (and at) each column
-    column = torch.arange(width)
     spill = torch.full_like(ids, width)  # dropped entries land in a column cut off at the end
     word_to = torch.where(valid, column + before, spill)
     new_to = torch.where(insert, column + before - 1, spill)
     new_ids = torch.randint(1, buckets + 1, (rows, width), dtype=ids.dtype)
-    count = torch.randint(3, min(12, grams.shape[2]) + 1, (rows, width, 1))
+    most = min(12, grams.shape[2])
+    count = torch.randint(min(3, most), most + 1, (rows, width, 1))
     new_grams = torch.randint(1, buckets + 1, grams.shape, dtype=grams.dtype)
     new_grams *= torch.arange(grams.shape[2]) < count
     out_ids = torch.zeros(rows, width + 1, dtype=ids.dtype)

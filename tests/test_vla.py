@@ -511,7 +511,7 @@ def test_word_augmentation_keeps_order_drops_words_and_only_acts_in_training():
 
 
 def test_unknown_word_insertion_keeps_every_word_in_order_and_fits_the_row():
-    from policies.tokenizer import insert_unknown
+    from policies.tokenizer import augment, insert_unknown
 
     texts = ["stack the blue cube on the red one", "pick up the red block and set it down on the yellow target"]
     ids, grams, valid = encode(texts)
@@ -536,6 +536,19 @@ def test_unknown_word_insertion_keeps_every_word_in_order_and_fits_the_row():
                 col = next(c for c in cols if out_ids[row, c] == word)
                 torch.testing.assert_close(out_grams[row, col], grams[row, source])
     assert inserted > 40  # ~half the gaps of the short row (the long one has 3 free columns)
+    for seed in range(50):  # after position jitter (words starting late) nothing spills or is lost
+        torch.manual_seed(seed)
+        shifted = augment(ids, grams, valid, 0.0, 3)
+        out_ids, out_grams, out_valid = insert_unknown(*shifted, 0.5, 4096)
+        for row in range(2):
+            words = out_ids[row][out_valid[row]].tolist()
+            it = iter(words)
+            assert all(word in it for word in ids[row][valid[row]].tolist())
+        new = out_valid & ~torch.isin(out_ids, ids[valid])
+        counts = (out_grams[new] != 0).sum(-1)  # an unknown word carries 3 to 12 n-grams
+        assert ((counts >= 3) & (counts <= 12)).all()
+    short = encode(texts, max_ngrams=2)  # fewer n-gram slots than an unknown word would use
+    assert (insert_unknown(*short, 0.5, 4096)[1] != 0).sum(-1).max() <= 2
 
 
 def test_fractional_word_positions_are_the_same_for_any_padding_and_span_first_to_last():
@@ -553,7 +566,15 @@ def test_fractional_word_positions_are_the_same_for_any_padding_and_span_first_t
     torch.testing.assert_close(wide[1, 0, k:], torch.ones(k))  # a one-word instruction: fraction 0
 
 
-@pytest.mark.parametrize("overrides", [{"word_positions": "fraction"}, {"word_positions": "none"}, {"text_tokens": 3}])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"word_positions": "fraction"},
+        {"word_positions": "learned", "word_insertion": 0.0},
+        {"word_positions": "none"},
+        {"text_tokens": 3},
+    ],
+)
 def test_language_variants_ignore_padding_and_train(overrides):
     policy = make_policy(**overrides)
     batch = make_batch(policy)
@@ -576,7 +597,25 @@ def test_language_settings_are_validated_and_old_configs_load_with_learned_posit
         vla_config("tiny", word_insertion=1.5)
     with pytest.raises(ValueError, match="text_tokens must be an integer >= 0"):
         vla_config("tiny", text_tokens=-1)
+    with pytest.raises(ValueError, match="needs prefix_width divisible by num_heads"):
+        vla_config("tiny", text_tokens=2, prefix_width=33)
     data = vla_config("tiny").to_dict()
     del data["word_positions"], data["word_insertion"], data["text_tokens"]
     old = policies.VLAConfig.from_dict(data)
     assert old.word_positions == "learned" and old.word_insertion == 0.0 and old.text_tokens == 0
+
+
+def test_a_checkpoint_saved_before_the_language_settings_loads_with_its_learned_positions(tmp_path):
+    policy = make_policy(word_positions="learned", word_insertion=0.0)
+    policy.save_pretrained(tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    for key in ("word_positions", "word_insertion", "text_tokens"):
+        del config[key]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    loaded = policies.from_pretrained(tmp_path / "old")
+    assert loaded.config.word_positions == "learned" and loaded.model.text_pos is not None
+    batch = make_batch(policy)
+    noise = torch.randn(3, policy.config.chunk_size, policy.config.action_dim)
+    torch.testing.assert_close(
+        loaded.predict_action_chunk(batch, noise=noise), policy.predict_action_chunk(batch, noise=noise)
+    )

@@ -183,6 +183,11 @@ class VLAConfig(JSONConfig):
             raise ValueError(f"word_insertion must be in [0, 1), got {self.word_insertion!r}")
         if not isinstance(self.text_tokens, int) or isinstance(self.text_tokens, bool) or self.text_tokens < 0:
             raise ValueError(f"text_tokens must be an integer >= 0, got {self.text_tokens!r}")
+        if self.text_tokens and self.prefix_width % self.num_heads:
+            raise ValueError(
+                f"text_tokens={self.text_tokens} pools the words with {self.num_heads}-head attention over "
+                f"prefix_width={self.prefix_width}, which needs prefix_width divisible by num_heads"
+            )
         if self.word_positions not in WORD_POSITIONS:
             raise ValueError(f"word_positions={self.word_positions!r} is not one of {WORD_POSITIONS}")
         if not isinstance(self.scene_aux_dim, int) or self.scene_aux_dim < 0:

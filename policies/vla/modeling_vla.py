@@ -400,7 +400,7 @@ class VLAModel(nn.Module):
         if self.text_pos is not None:
             txt = txt + self.text_pos[: word_ids.shape[1]]
         elif self.text_fraction is not None:
-            txt = txt + self.text_fraction(fraction_features(txt_valid))
+            txt = txt + self.text_fraction(fraction_features(txt_valid).to(txt.dtype))
         if self.text_pool is not None:
             txt = self.text_pool(txt, txt_valid)
             txt_valid = torch.ones(txt.shape[:2], dtype=torch.bool, device=txt.device)
