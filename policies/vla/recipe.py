@@ -81,7 +81,7 @@ class RecipeConfig:
     perception_steps: int = 3000
     perception_batch_size: int = 128
     perception_lr: float = 2e-3
-    steps: int = 12000
+    steps: int = 8000
     batch_size: int = 64
     lr: float = 1e-3
     balance: str | None = "task"
