@@ -14,18 +14,17 @@ from adamoe.experts import FeedForward, GroupedExperts, ffn_weights
 from adamoe.fisher import fisher_diagonal, load_fisher, save_fisher
 from adamoe.merging import MergePlan, merge
 from adamoe.moe import MoEFeedForward
-from adamoe.routers import TopKRouter, balance_loss, router_z_loss
-from adamoe.routing_stats import record_routing, reset_routing_stats, routing_stats
-from adamoe.upcycle import (
-    UpcycleReport,
+from adamoe.moe_model import (
     active_parameters,
     consistency_coef,
     moe_aux_loss,
     moe_layers,
     router_parameters,
     routing_top_k,
-    upcycle,
 )
+from adamoe.routers import TopKRouter, balance_loss, router_z_loss
+from adamoe.routing_stats import record_routing, reset_routing_stats, routing_stats
+from adamoe.upcycle import UpcycleReport, upcycle
 
 __all__ = [
     "BACKENDS",

@@ -9,7 +9,6 @@ from typing import Any, TypeVar
 C = TypeVar("C", bound="JSONConfig")
 
 ROUTERS = ("adamoe", "topk", "topany", "thor", "smear", "soft")
-TOKEN_ROUTERS = ("adamoe", "topk", "topany", "thor")  # route each token; smear and soft mix per sequence
 BALANCE_LOSSES = ("mean", "switch", "none")
 BACKENDS = ("auto", "grouped_mm", "batched_mm", "loop", "dense")
 INITS = ("paper", "preserve")

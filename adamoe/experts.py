@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -169,8 +170,47 @@ class FeedForward(nn.Module):
         return f"kind={self.kind}, activation={self.activation}"
 
 
-class GroupedExperts(nn.Module):
-    """E expert FFNs of one kind with stacked weights; ``forward_expert`` is the plain reference."""
+class ExpertBank(nn.Module):
+    """What every bank of E expert FFNs shares: sizes, FFN kind and activation, biases,
+    and ``forward_expert``, the plain reference every dispatch backend must match.
+    Subclasses hold ``w_in (E, D, width)`` and ``w_out (E, hidden, D)``."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, kind: str, activation: str) -> None:
+        super().__init__()
+        if kind not in FFN_KINDS:
+            raise ValueError(f"expert kind {kind!r} is not one of {FFN_KINDS}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
+        if num_experts < 1 or dim < 1 or hidden < 1:
+            raise ValueError(f"num_experts, dim and hidden must be >= 1, got {num_experts}, {dim}, {hidden}")
+        self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
+        self.kind, self.activation = kind, activation
+        self.width = 2 * hidden if kind == "gated" else hidden  # gate and up stacked
+        self._act = ACTIVATIONS[activation]
+
+    def _add_biases(self, bias_in: bool, bias_out: bool) -> None:
+        self.b_in = nn.Parameter(torch.zeros(self.num_experts, self.width)) if bias_in else None
+        self.b_out = nn.Parameter(torch.zeros(self.num_experts, self.dim)) if bias_out else None
+
+    def hidden_act(self, h: torch.Tensor) -> torch.Tensor:
+        if self.kind == "gated":
+            gate, up = h.split(self.hidden, dim=-1)
+            return self._act(gate) * up
+        return self._act(h)
+
+    def forward_expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert ``e`` on tokens ``x (n, D)``: the plain reference every backend must match."""
+        h = x @ self.w_in[e]
+        if self.b_in is not None:
+            h = h + self.b_in[e]
+        y = self.hidden_act(h) @ self.w_out[e]
+        if self.b_out is not None:
+            y = y + self.b_out[e]
+        return y
+
+
+class GroupedExperts(ExpertBank):
+    """E expert FFNs of one kind with stacked weights."""
 
     def __init__(
         self,
@@ -182,23 +222,12 @@ class GroupedExperts(nn.Module):
         bias_in: bool = True,
         bias_out: bool = True,
     ) -> None:
-        super().__init__()
-        if kind not in FFN_KINDS:
-            raise ValueError(f"expert kind {kind!r} is not one of {FFN_KINDS}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
-        if num_experts < 1 or dim < 1 or hidden < 1:
-            raise ValueError(f"num_experts, dim and hidden must be >= 1, got {num_experts}, {dim}, {hidden}")
-        self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
-        self.kind, self.activation = kind, activation
-        width = 2 * hidden if kind == "gated" else hidden
-        self.w_in = nn.Parameter(torch.empty(num_experts, dim, width))
+        super().__init__(num_experts, dim, hidden, kind, activation)
+        self.w_in = nn.Parameter(torch.empty(num_experts, dim, self.width))
         self.w_out = nn.Parameter(torch.empty(num_experts, hidden, dim))
-        self.b_in = nn.Parameter(torch.zeros(num_experts, width)) if bias_in else None
-        self.b_out = nn.Parameter(torch.zeros(num_experts, dim)) if bias_out else None
+        self._add_biases(bias_in, bias_out)
         nn.init.normal_(self.w_in, std=dim**-0.5)
         nn.init.normal_(self.w_out, std=hidden**-0.5)
-        self._act = ACTIVATIONS[activation]
 
     @classmethod
     def from_ffn(
@@ -230,22 +259,6 @@ class GroupedExperts(nn.Module):
                     param.add_(noise * noise_std)
         return experts
 
-    def hidden_act(self, h: torch.Tensor) -> torch.Tensor:
-        if self.kind == "gated":
-            gate, up = h.split(self.hidden, dim=-1)
-            return self._act(gate) * up
-        return self._act(h)
-
-    def forward_expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        """Expert ``e`` on tokens ``x (n, D)``: the plain reference every backend must match."""
-        h = x @ self.w_in[e]
-        if self.b_in is not None:
-            h = h + self.b_in[e]
-        y = self.hidden_act(h) @ self.w_out[e]
-        if self.b_out is not None:
-            y = y + self.b_out[e]
-        return y
-
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}, "
@@ -256,32 +269,33 @@ class GroupedExperts(nn.Module):
 STRUCTURES = ("dense", "lowrank", "blockdiag")
 
 
-class StructuredExperts(nn.Module):
+class StructuredExperts(ExpertBank):
     """E experts whose weight matrices are structured: ``lowrank`` (``W = U V`` of rank
     ``rank``) or ``blockdiag`` (``blocks`` diagonal blocks). ``w_in`` / ``w_out`` are the
     full ``(E, rows, cols)`` matrices assembled from the factors, so every dispatch backend
-    runs them unchanged; the parameters (and a checkpoint) hold the factors only."""
+    runs them unchanged; the parameters (and a checkpoint) hold the factors only. ``ffn``
+    overrides ``kind``, ``activation``, ``bias_in`` and ``bias_out`` (as for
+    :class:`GroupedExperts`; defaults ``mlp``, ``gelu``, both biases)."""
 
     def __init__(
         self,
         num_experts: int,
         dim: int,
         hidden: int,
-        kind: str = "mlp",
-        activation: str = "gelu",
-        bias_in: bool = True,
-        bias_out: bool = True,
         structure: str = "lowrank",
         rank: int = 16,
         blocks: int = 4,
+        *,
+        ffn: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__()
+        ffn = {"kind": "mlp", "activation": "gelu", "bias_in": True, "bias_out": True, **(ffn or {})}
+        if len(ffn) != 4:
+            raise ValueError(f"ffn takes kind, activation, bias_in and bias_out, got {sorted(ffn)}")
+        super().__init__(num_experts, dim, hidden, ffn["kind"], ffn["activation"])
         if structure not in STRUCTURES[1:]:
             raise ValueError(f"structure={structure!r} is not one of {STRUCTURES[1:]}")
-        self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
-        self.kind, self.activation, self.structure = kind, activation, structure
-        self._act = ACTIVATIONS[activation]
-        width = 2 * hidden if kind == "gated" else hidden
+        width = self.width
+        self.structure = structure
         self.shapes = {"w_in": (dim, width), "w_out": (hidden, dim)}
         if structure == "lowrank":
             if rank < 1 or rank > min(dim, hidden):
@@ -297,8 +311,7 @@ class StructuredExperts(nn.Module):
             for name, (rows, cols) in self.shapes.items():
                 init = torch.randn(num_experts, blocks, rows // blocks, cols // blocks) * (rows // blocks) ** -0.5
                 self.register_parameter(f"{name}_blocks", nn.Parameter(init))
-        self.b_in = nn.Parameter(torch.zeros(num_experts, width)) if bias_in else None
-        self.b_out = nn.Parameter(torch.zeros(num_experts, dim)) if bias_out else None
+        self._add_biases(ffn["bias_in"], ffn["bias_out"])
 
     def _full(self, name: str) -> torch.Tensor:
         if self.structure == "lowrank":
@@ -335,9 +348,6 @@ class StructuredExperts(nn.Module):
             value = getattr(weights, name)
             if getattr(self, name) is not None and value is not None:
                 getattr(self, name).copy_(value.expand_as(getattr(self, name)))
-
-    hidden_act = GroupedExperts.hidden_act
-    forward_expert = GroupedExperts.forward_expert
 
     def extra_repr(self) -> str:
         detail = f"rank={self.rank}" if self.structure == "lowrank" else f"blocks={self.blocks}"

@@ -1,4 +1,10 @@
-"""The sparse Mixture-of-Experts feed-forward layer (AdaMoE and vanilla top-k)."""
+"""The sparse Mixture-of-Experts feed-forward layer (AdaMoE, vanilla top-k and the other
+families of ``adamoe/families.py``).
+
+A forward routes the tokens (the family's router and combine weights), dispatches each
+token to its selected experts only (``adamoe/dispatch.py``), and combines:
+``routed_coef * gate * routed + shared_coef * mean(shared experts)``.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,11 @@ import math
 import torch
 from torch import nn
 
-from adamoe.config import TOKEN_ROUTERS, MoEConfig
+from adamoe.config import MoEConfig
 from adamoe.dispatch import capacity_keep, dispatch
 from adamoe.experts import FeedForward, FFNWeights, GroupedExperts, StructuredExperts, ffn_weights
-from adamoe.routers import RandomRouter, TopAnyRouter, TopKRouter, balance_loss, router_z_loss
+from adamoe.families import family
+from adamoe.routers import balance_loss, router_z_loss
 
 
 class MoEFeedForward(nn.Module):
@@ -43,34 +50,19 @@ class MoEFeedForward(nn.Module):
                 config.num_experts,
                 dim,
                 hidden,
-                kind,
-                activation,
-                bias_in,
-                bias_out,
                 config.expert_structure,
                 config.structure_rank,
                 config.structure_blocks,
+                ffn={"kind": kind, "activation": activation, "bias_in": bias_in, "bias_out": bias_out},
             )
         self.guide: nn.Module | None = None  # self-guided training: the dense FFN, blended out
         if config.self_guided_steps > 0:
             self.guide = FeedForward(dim, hidden, kind, activation, bias=bias_in)
             self.register_buffer("guide_step", torch.zeros((), dtype=torch.long))
-        if config.router == "topany":
-            self.router = TopAnyRouter(dim, config.num_experts, config.router_init_std)
-        elif config.router == "thor":
-            self.router = RandomRouter(config.num_experts)
-        else:
-            width = config.num_experts * (config.slots_per_expert if config.router == "soft" else 1)
-            self.router = TopKRouter(
-                dim,
-                width,
-                min(config.top_k, width),
-                config.router_init_std,
-                config.aux_free_bias,
-                config.bias_update_rate,
-            )
+        self.family = family(config.router)  # how tokens reach the experts (adamoe/families.py)
+        self.router = self.family.router(config, dim)
         self.scale_adapter: nn.Linear | None = None
-        if config.router == "adamoe":
+        if self.family.scale_adapter:
             self.scale_adapter = nn.Linear(dim, config.num_experts, bias=False)  # W_s
             nn.init.normal_(self.scale_adapter.weight, std=config.router_init_std)
         if shared_experts is not None and len(shared_experts) != config.num_shared_experts:
@@ -117,11 +109,7 @@ class MoEFeedForward(nn.Module):
             layer.experts.init_from(weights)
         if layer.guide is not None:
             layer.guide = copy.deepcopy(ffn)
-        with torch.no_grad():  # W_r, W_s ~ N(0, router_init_std^2), drawn from the generator
-            for linear in (layer.router.gate, layer.scale_adapter):
-                if linear is not None:
-                    noise = torch.randn(linear.weight.shape, generator=generator)
-                    linear.weight.copy_(noise * config.router_init_std)
+        layer._draw_router(generator)
         ref = weights.w_in
         return layer.to(device=ref.device, dtype=ref.dtype)
 
@@ -174,11 +162,16 @@ class MoEFeedForward(nn.Module):
                 param = getattr(layer.experts, name)
                 if param is not None:
                     param.copy_(torch.stack([getattr(w, name) for w in weights]))
-            for linear in (layer.router.gate, layer.scale_adapter):
-                if linear is not None:
-                    noise = torch.randn(linear.weight.shape, generator=generator)
-                    linear.weight.copy_(noise * config.router_init_std)
+        layer._draw_router(generator)
         return layer.to(device=first.w_in.device, dtype=first.w_in.dtype)
+
+    @torch.no_grad()
+    def _draw_router(self, generator: torch.Generator | None) -> None:
+        """``W_r, W_s ~ N(0, router_init_std^2)``, drawn from ``generator``."""
+        for linear in (self.router.gate, self.scale_adapter):
+            if linear is not None:
+                noise = torch.randn(linear.weight.shape, generator=generator)
+                linear.weight.copy_(noise * self.config.router_init_std)
 
     def guide_alpha(self) -> float:
         """The dense FFN's share of the output under self-guided training (0 when off)."""
@@ -201,19 +194,27 @@ class MoEFeedForward(nn.Module):
             raise ValueError(
                 f"MoEFeedForward expects inputs with last dimension {self.dim}, got shape {tuple(x.shape)}"
             )
-        cfg = self.config
         tokens = x.reshape(-1, self.dim)  # (N, D)
-        if cfg.router not in TOKEN_ROUTERS:
-            return self._forward_sequences(x)
-        route = self.router(tokens)
-        if self.top_k_override is not None and cfg.router in ("adamoe", "topk"):
-            route = _retop(route, self.top_k_override)
+        self.aux_losses = {}
+        if self.family.per_sequence:
+            seqs = x.reshape(-1, x.shape[-2] if x.dim() > 2 else x.shape[0], self.dim)  # (B, T, D)
+            routed, probs = self.family.mix(self, seqs)
+            self.last_probs = probs.detach()
+            routed = routed.reshape(-1, self.dim)
+        else:
+            routed = self._route_and_dispatch(tokens)
+        out = self.config.routed_coef * (routed if self.routed_gate is None else self.routed_gate * routed)
+        if len(self.shared_experts):  # FFNs act token-wise
+            shared = sum(expert(tokens) for expert in self.shared_experts)
+            out = out + self.config.shared_coef * shared / len(self.shared_experts)
+        return out.reshape(x.shape)
+
+    def _route_and_dispatch(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Route every token (its family's router and combine weights; gating dropout and a
+        capacity on top), run the selected experts on their tokens, and set the aux losses."""
+        cfg = self.config
+        route, weights = self.family.route(self, tokens)
         indices = route.indices
-        weights = route.selected_probs  # (N, k)
-        if self.scale_adapter is not None:
-            weights = weights + self.scale_adapter(tokens).float().gather(-1, route.indices)  # AdaMoE: p_i + s_i
-        elif cfg.renormalize:
-            weights = weights / weights.sum(-1, keepdim=True)
         gating_dropped = self.training and cfg.gating_dropout > 0 and float(torch.rand(())) < cfg.gating_dropout
         self.gating_dropped = gating_dropped
         if gating_dropped:  # skip the router: every token to the fixed expert, weight 1
@@ -221,21 +222,13 @@ class MoEFeedForward(nn.Module):
             weights = torch.ones(indices.shape, dtype=weights.dtype, device=weights.device)
         keep = None if gating_dropped else route.keep  # top-any: the active experts
         if cfg.capacity_factor is not None:
-            over = capacity_keep(indices, cfg.num_experts, cfg.capacity_factor) if keep is None else None
-            if over is None:  # top-any: count only the active pairs against the capacity
-                over = _capacity_of_active(indices, keep, cfg.num_experts, cfg.capacity_factor)
-                keep = keep & over
-            else:
-                keep = over
+            if keep is None:
+                keep = capacity_keep(indices, cfg.num_experts, cfg.capacity_factor)
+            else:  # top-any: count only the active pairs against the capacity
+                keep = keep & _capacity_of_active(indices, keep, cfg.num_experts, cfg.capacity_factor)
             self.last_dropped_fraction = float(1.0 - keep.float().mean())
         routed = dispatch(tokens, indices, weights.to(tokens.dtype), self.experts, cfg.backend, keep)
-        out = cfg.routed_coef * (routed if self.routed_gate is None else self.routed_gate * routed)
-        if len(self.shared_experts):
-            shared = sum(expert(tokens) for expert in self.shared_experts)  # FFNs act token-wise
-            out = out + cfg.shared_coef * shared / len(self.shared_experts)
-
-        self.aux_losses = {}
-        if self.training and not gating_dropped and cfg.router != "thor":  # THOR has no router to balance
+        if self.training and not gating_dropped and self.family.balanced:
             if cfg.balance_loss != "none":
                 chosen = route.indices if route.keep is None else route.keep
                 self.aux_losses["balance"] = balance_loss(route.probs, chosen, cfg.balance_loss)
@@ -245,52 +238,7 @@ class MoEFeedForward(nn.Module):
             self.router.update_selection_bias(route.indices)
         if self.record_stats:
             self._record(indices, weights, keep)
-        return out.reshape(x.shape)
-
-    def _shared(self, tokens: torch.Tensor) -> torch.Tensor | None:
-        if not len(self.shared_experts):
-            return None
-        return self.config.shared_coef * sum(e(tokens) for e in self.shared_experts) / len(self.shared_experts)
-
-    def _forward_sequences(self, x: torch.Tensor) -> torch.Tensor:
-        """SMEAR and Soft MoE: mixing over a sequence ``(..., T, D)``."""
-        cfg = self.config
-        seqs = x.reshape(-1, x.shape[-2] if x.dim() > 2 else x.shape[0], self.dim)  # (B, T, D)
-        ex = self.experts
-        if cfg.router == "smear":
-            logits = self.router.gate(seqs.mean(1))  # (B, E): route each sequence by its mean token
-            p = torch.softmax(logits.float(), dim=-1).to(x.dtype)
-            w_in, w_out = torch.einsum("be,edh->bdh", p, ex.w_in), torch.einsum("be,ehd->bhd", p, ex.w_out)
-            h = torch.bmm(seqs, w_in)
-            if ex.b_in is not None:
-                h = h + (p @ ex.b_in).unsqueeze(1)
-            routed = torch.bmm(ex.hidden_act(h), w_out)
-            if ex.b_out is not None:
-                routed = routed + (p @ ex.b_out).unsqueeze(1)
-            probs = p.float()
-        else:  # soft: slots mix tokens, experts run on slots, tokens mix slots
-            logits = self.router.gate(seqs).float()  # (B, T, E * S)
-            dispatch_w = torch.softmax(logits, dim=1).to(x.dtype)  # over tokens
-            combine_w = torch.softmax(logits, dim=2).to(x.dtype)  # over slots
-            slots = torch.einsum("bts,btd->bsd", dispatch_w, seqs)  # (B, E * S, D)
-            b, s_total = slots.shape[:2]
-            per_expert = slots.reshape(b, cfg.num_experts, cfg.slots_per_expert, self.dim).transpose(0, 1)
-            h = torch.einsum("ebsd,edh->ebsh", per_expert, ex.w_in)
-            if ex.b_in is not None:
-                h = h + ex.b_in[:, None, None]
-            y = torch.einsum("ebsh,ehd->ebsd", ex.hidden_act(h), ex.w_out)
-            if ex.b_out is not None:
-                y = y + ex.b_out[:, None, None]
-            slot_out = y.transpose(0, 1).reshape(b, s_total, self.dim)
-            routed = torch.einsum("bts,bsd->btd", combine_w, slot_out)
-            probs = combine_w.float().reshape(-1, s_total)
-        out = cfg.routed_coef * (routed if self.routed_gate is None else self.routed_gate * routed)
-        shared = self._shared(seqs.reshape(-1, self.dim))
-        if shared is not None:
-            out = out + shared.reshape(out.shape)
-        self.aux_losses = {}
-        self.last_probs = probs.detach()
-        return out.reshape(x.shape)
+        return routed
 
     @torch.no_grad()
     def _record(self, indices: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor | None) -> None:
@@ -314,13 +262,7 @@ class MoEFeedForward(nn.Module):
         expert and their slots mix all of them), and for top-any the mean number of active
         experts over the routings recorded since the last reset (``record_routing``), or
         every expert, its bound, when none were."""
-        cfg = self.config
-        if cfg.router in ("smear", "soft"):
-            return float(cfg.num_experts)
-        if cfg.router == "topany":
-            seen = float(self.tokens_seen)
-            return float(self.expert_tokens.sum()) / seen if seen > 0 else float(cfg.num_experts)
-        return float(cfg.top_k)
+        return self.family.experts_per_token(self)
 
     def inactive_parameters(self) -> float:
         """Parameters of this layer a token's output does not depend on: the routed experts
@@ -348,13 +290,3 @@ def _capacity_of_active(indices: torch.Tensor, active: torch.Tensor, num_experts
     one_hot = torch.nn.functional.one_hot(by_choice, num_experts + 1)
     position = (torch.cumsum(one_hot, 0) - 1).gather(1, by_choice.unsqueeze(1)).squeeze(1)
     return (position < capacity).reshape(-1, n).T
-
-
-def _retop(route, k: int):
-    """The same router scores with ``k`` experts selected instead of ``top_k``."""
-    from adamoe.routers import RouterOutput
-
-    if not 1 <= k <= route.probs.shape[-1]:
-        raise ValueError(f"top_k override {k} is not in [1, {route.probs.shape[-1]}]")
-    indices = torch.topk(route.probs, k, dim=-1).indices
-    return RouterOutput(indices, route.probs, route.logits, route.probs.gather(-1, indices))

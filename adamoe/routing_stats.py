@@ -7,7 +7,7 @@ from contextlib import contextmanager
 import numpy as np
 from torch import nn
 
-from adamoe.upcycle import moe_layers
+from adamoe.moe_model import moe_layers
 
 
 @contextmanager

@@ -84,6 +84,18 @@ def test_gating_dropout_sends_every_token_to_the_fixed_expert_in_training_only()
     torch.testing.assert_close(eval_out, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_every_configurable_router_has_one_family_object():
+    from adamoe.config import ROUTERS
+    from adamoe.families import FAMILIES, family
+
+    assert set(FAMILIES) == set(ROUTERS)
+    for name in ROUTERS:
+        layer = MoEFeedForward(MoEConfig(router=name, top_k=1), 8, 16)
+        assert layer.family is family(name) and (layer.scale_adapter is not None) == (name == "adamoe")
+    with pytest.raises(ValueError, match="router='switch' is not one of"):
+        family("switch")
+
+
 def test_bad_family_options_name_the_value():
     with pytest.raises(ValueError, match="capacity_factor must be > 0"):
         MoEConfig(capacity_factor=0.0)
@@ -275,24 +287,20 @@ def test_self_contrast_combines_strong_and_weak_routing_as_specified():
 
 
 def test_every_family_of_the_comparison_upcycles_a_policy_that_trains_and_reloads(tmp_path):
-    import sys
-    from pathlib import Path
-
     from policies import from_pretrained
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import demo
+    from policies.vla.families import FAMILIES, SELF_CONTRAST
+    from policies.vla.pipeline import PipelineConfig, upcycled
 
     _tiny_policy().save_pretrained(tmp_path / "dense")
-    cfg = demo.PipelineConfig(output_dir=str(tmp_path))
-    for kind in demo.FAMILIES:
-        policy = demo.upcycled(cfg, tmp_path / "dense", kind).train()
+    cfg = PipelineConfig(output_dir=str(tmp_path))
+    for kind in FAMILIES:
+        policy = upcycled(cfg, tmp_path / "dense", kind).train()
         loss, _ = policy(_vla_batch(policy))
         loss.backward()
         policy.eval().save_pretrained(tmp_path / kind)
         loaded = from_pretrained(tmp_path / kind)
         assert loaded.config.moe["config"] == policy.config.moe["config"], kind
-        assert loaded.config.self_contrast_beta == demo.SELF_CONTRAST.get(kind, 0.0)
+        assert loaded.config.self_contrast_beta == SELF_CONTRAST.get(kind, 0.0)
         if kind != "thor":  # THOR routes at random at inference too
             noise = torch.randn(1, policy.config.chunk_size, policy.config.action_dim)
             batch = _vla_batch(policy, b=1)
