@@ -38,7 +38,7 @@ dt-merge: setup
 	$(PY) scripts/dt_merge.py
 
 families: setup
-	$(PY) scripts/families.py --eval-episodes 20 --update-readme
+	$(PY) scripts/families.py --eval-episodes 20 --update-docs
 
 bam: setup
 	$(PY) scripts/bam.py

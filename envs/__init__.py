@@ -7,10 +7,11 @@ from envs.rendering import ensure_gl_backend
 
 ensure_gl_backend()  # before anything imports mujoco
 
-from envs.experts import ScriptedExpert, TabletopExpert, make_expert  # noqa: E402
+from envs.experts import ScriptedExpert, TabletopExpert  # noqa: E402
+from envs.ids import metaworld_id, tabletop_id, task_name  # noqa: E402
 from envs.locomotion import LOCOMOTION, get_locomotion, make_locomotion_env, normalized_score  # noqa: E402
 from envs.meta_world import METAWORLD_INSTRUCTIONS, MT10, MetaWorldEnv  # noqa: E402
-from envs.registration import SUITES, make_vector_env, register_envs, resolve_env_ids, suite  # noqa: E402
+from envs.registration import SUITES, make_expert, make_vector_env, register_envs, resolve_env_ids, suite  # noqa: E402
 from envs.tabletop import CAMERAS, TabletopEnv  # noqa: E402
 from envs.tasks import TASK_LIST, TASKS, SceneState, Task, get_task  # noqa: E402
 
@@ -35,8 +36,11 @@ __all__ = [
     "make_expert",
     "make_locomotion_env",
     "make_vector_env",
+    "metaworld_id",
     "normalized_score",
     "register_envs",
     "resolve_env_ids",
     "suite",
+    "tabletop_id",
+    "task_name",
 ]

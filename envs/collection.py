@@ -15,7 +15,9 @@ import gymnasium as gym
 import numpy as np
 from minari.data_collector import EpisodeBuffer
 
-from envs.experts import make_expert
+from envs.ids import is_metaworld, is_tabletop, task_name
+from envs.registration import SUITES, make_expert, resolve_env_ids
+from envs.tasks import get_task
 
 CUBE_OFF_TABLE = "cube_off_table"  # the tabletop env's termination_reason for a broken scene
 
@@ -179,7 +181,6 @@ def task_index(env_id: str) -> int:
     Not its position in the job: a rerun that collects only the missing tasks (``make
     demo`` does) must give each task the scenes a full run would have given it.
     """
-    from envs.registration import SUITES
 
     for name in ("tabletop", "metaworld"):
         if env_id in SUITES[name]:
@@ -189,23 +190,18 @@ def task_index(env_id: str) -> int:
 
 def dataset_id_for(env_id: str, name: str = "demos") -> str:
     """``tabletop/pick-red/demos-v0`` for a tabletop id, ``metaworld/reach/demos-v0`` for Meta-World."""
-    from envs.registration import METAWORLD_PREFIX, TABLETOP_PREFIX
-    from envs.tasks import get_task
-
-    if env_id.startswith(TABLETOP_PREFIX):
-        return f"tabletop/{get_task(env_id[len(TABLETOP_PREFIX) :].removesuffix('-v0')).slug}/{name}-v0"
-    if env_id.startswith(METAWORLD_PREFIX):
-        return f"metaworld/{env_id[len(METAWORLD_PREFIX) :].removesuffix('-v3')}/{name}-v0"
+    if is_tabletop(env_id):
+        return f"tabletop/{get_task(task_name(env_id)).slug}/{name}-v0"
+    if is_metaworld(env_id):
+        return f"metaworld/{task_name(env_id).removesuffix('-v3')}/{name}-v0"
     raise ValueError(f"no dataset naming for {env_id!r}")
 
 
 def _env_kwargs(env_id: str, job: CollectionJob) -> dict[str, Any]:
-    from envs.registration import TABLETOP_PREFIX
-
     kwargs: dict[str, Any] = {"image_size": job.image_size}
     if not job.pixels:
         kwargs["cameras"] = ()
-    if env_id.startswith(TABLETOP_PREFIX):
+    if is_tabletop(env_id):
         kwargs["instruction_split"] = job.instruction_split
     return kwargs
 
@@ -251,7 +247,6 @@ def run_collection(job: CollectionJob, progress: bool = True) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from envs.datasets import dataset_path, remove_stale_tmp, write_dataset
-    from envs.registration import resolve_env_ids
 
     if job.episodes_per_task < 1:
         raise ValueError(f"episodes_per_task must be >= 1, got {job.episodes_per_task}")

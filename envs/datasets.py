@@ -93,17 +93,23 @@ def write_dataset(
         with _gzip_images():
             storage.update_episodes(list(episodes))
         storage.update_episode_metadata([dict(m) for m in episode_metadata])
-        if final.exists():
-            trash = final.parent / f"{TMP_PREFIX}{final.name}-old-{uuid.uuid4().hex[:8]}"
-            final.rename(trash)
-            tmp.rename(final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(final)
+        _move_into_place(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return minari.MinariDataset(final / "data")
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename the complete ``tmp`` to ``final``; a ``final`` already there is set aside
+    first and removed after. (``policies.io.atomic_directory`` does the same for
+    checkpoints; ``envs`` does not import ``policies``.)"""
+    old = final.parent / f"{TMP_PREFIX}{final.name}-old-{uuid.uuid4().hex[:8]}" if final.exists() else None
+    if old is not None:
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager

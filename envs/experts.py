@@ -1,6 +1,6 @@
 """Scripted experts: state machines on ``environment_state`` that solve each task.
 
-``make_expert(env_id, noise)`` is the public entry point. An expert is an object with
+``envs.make_expert(env_id, noise)`` (in ``envs/registration.py``) is the public entry point. An expert is an object with
 ``reset()`` and ``act(obs) -> action``; noise is Gaussian on every action dimension
 (standard deviation ``noise``) plus, optionally, a probability of a uniformly random
 action, so demonstrations can span a range of quality.
@@ -209,23 +209,3 @@ class TabletopExpert(ScriptedExpert):
 
 def held_lift(s: SceneState) -> np.ndarray:
     return np.array([*s.grip[:2], 0.15])
-
-
-def make_expert(env_id: str, noise: float = 0.0, random_action_prob: float = 0.0, seed: int | None = None):
-    """The scripted expert for a registered env id (tabletop or Meta-World)."""
-    from envs.registration import METAWORLD_PREFIX, TABLETOP_PREFIX
-
-    if env_id.startswith(TABLETOP_PREFIX):
-        from envs.tasks import get_task
-
-        return TabletopExpert(
-            get_task(env_id[len(TABLETOP_PREFIX) :].removesuffix("-v0")), noise, random_action_prob, seed
-        )
-    if env_id.startswith(METAWORLD_PREFIX):
-        from envs.meta_world import MetaWorldExpert
-
-        return MetaWorldExpert(env_id[len(METAWORLD_PREFIX) :], noise, random_action_prob, seed)
-    raise ValueError(
-        f"no scripted expert for {env_id!r}; experts exist for "
-        f"{TABLETOP_PREFIX}<Task>-v0 and {METAWORLD_PREFIX}<task-name> ids"
-    )

@@ -12,11 +12,10 @@ from collections.abc import Callable, Sequence
 
 import gymnasium as gym
 
-from envs.meta_world import METAWORLD_INSTRUCTIONS, MT10
-from envs.tasks import TASK_LIST
-
-TABLETOP_PREFIX = "adamoe/Tabletop-"
-METAWORLD_PREFIX = "adamoe/MetaWorld-"
+from envs.experts import TabletopExpert
+from envs.ids import METAWORLD_PREFIX, TABLETOP_PREFIX, is_metaworld, is_tabletop, metaworld_id, task_name
+from envs.meta_world import METAWORLD_INSTRUCTIONS, MT10, MetaWorldExpert
+from envs.tasks import TASK_LIST, get_task
 
 
 def register_envs() -> None:
@@ -29,7 +28,7 @@ def register_envs() -> None:
                 max_episode_steps=task.max_episode_steps,
             )
     for name in METAWORLD_INSTRUCTIONS:
-        env_id = METAWORLD_PREFIX + name
+        env_id = metaworld_id(name)
         if env_id not in gym.registry:
             gym.register(
                 id=env_id,
@@ -41,8 +40,8 @@ def register_envs() -> None:
 
 SUITES: dict[str, tuple[str, ...]] = {
     "tabletop": tuple(task.env_id for task in TASK_LIST),
-    "mt10": tuple(METAWORLD_PREFIX + name for name in MT10),
-    "metaworld": tuple(METAWORLD_PREFIX + name for name in METAWORLD_INSTRUCTIONS),
+    "mt10": tuple(metaworld_id(name) for name in MT10),
+    "metaworld": tuple(metaworld_id(name) for name in METAWORLD_INSTRUCTIONS),
 }
 
 
@@ -98,3 +97,15 @@ def _maker(env_id: str, kwargs: dict) -> Callable[[], gym.Env]:
         return gym.make(env_id, **kwargs)
 
     return make
+
+
+def make_expert(env_id: str, noise: float = 0.0, random_action_prob: float = 0.0, seed: int | None = None):
+    """The scripted expert for a registered env id (tabletop or Meta-World)."""
+    if is_tabletop(env_id):
+        return TabletopExpert(get_task(task_name(env_id)), noise, random_action_prob, seed)
+    if is_metaworld(env_id):
+        return MetaWorldExpert(task_name(env_id), noise, random_action_prob, seed)
+    raise ValueError(
+        f"no scripted expert for {env_id!r}; experts exist for "
+        f"{TABLETOP_PREFIX}<Task>-v0 and {METAWORLD_PREFIX}<task-name> ids"
+    )

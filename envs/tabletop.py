@@ -50,7 +50,7 @@ def load_scene() -> mujoco.MjModel:
 
 
 class TabletopEnv(gym.Env):
-    """A tabletop task behind the project's observation/action contract (DESIGN.md).
+    """A tabletop task behind the project's observation/action contract (docs/design.md).
 
     Observation: ``pixels`` (camera -> ``uint8 (H, W, 3)``, omitted when ``cameras`` is
     empty), ``agent_pos`` (grip point xyz, finger gap), ``environment_state`` (cube

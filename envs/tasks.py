@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from envs.ids import tabletop_id
+
 CUBES = ("red", "green", "blue")
 PADS = ("yellow", "purple")
 CUBE_HALF = 0.02  # cube half size (m); a cube resting on the table has its centre at z = CUBE_HALF
@@ -99,7 +101,7 @@ class Task:
 
     @property
     def env_id(self) -> str:
-        return f"adamoe/Tabletop-{self.name}-v0"
+        return tabletop_id(self.name)
 
     def instructions(self, split: str = "train") -> tuple[str, ...]:
         """The paraphrases of this task's instruction; ``split`` is ``train`` or ``heldout``."""

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from envs.datasets import episode_metadata, load_dataset
+from policies.constants import ACTION, OBS_ENV_STATE, OBS_STATE, image_key
 from policies.normalize import feature_stats
 
 LABELS = ("expert", "executed")
@@ -37,6 +38,12 @@ class ChunkDataset:
     dataset) falls back to its executed actions, with a warning. ``"executed"`` always
     takes the executed actions. ``actions`` holds the label trained on,
     ``executed_actions`` the executed ones.
+
+    Batches are gathered with one fancy index per array (:meth:`get`), not through
+    ``torch.utils.data.DataLoader``: on the 105k-frame tabletop demos with both cameras,
+    a batch of 64 takes 0.45 ms here and 5.0 ms as 64 ``__getitem__`` calls plus
+    ``default_collate`` (2-core VM, medians of 5 x 200 batches), a few percent of a
+    training step that the frames, all in memory, never need.
     """
 
     def __init__(
@@ -139,9 +146,9 @@ class ChunkDataset:
 
     def stats(self) -> dict[str, dict[str, np.ndarray]]:
         """Normalisation statistics; ``action``'s are those of the label trained on."""
-        stats = {"observation.state": feature_stats(self.state), "action": feature_stats(self.actions)}
+        stats = {OBS_STATE: feature_stats(self.state), ACTION: feature_stats(self.actions)}
         if self.environment_state is not None:
-            stats["observation.environment_state"] = feature_stats(self.environment_state)
+            stats[OBS_ENV_STATE] = feature_stats(self.environment_state)
         return stats
 
     def get(self, indices: np.ndarray) -> dict[str, Any]:
@@ -151,15 +158,15 @@ class ChunkDataset:
         is_pad = steps >= self.frame_end[indices][:, None]
         steps = np.minimum(steps, self.frame_end[indices][:, None] - 1)
         batch: dict[str, Any] = {
-            "observation.state": torch.from_numpy(self.state[indices]),
-            "action": torch.from_numpy(self.actions[steps]),
+            OBS_STATE: torch.from_numpy(self.state[indices]),
+            ACTION: torch.from_numpy(self.actions[steps]),
             "action_is_pad": torch.from_numpy(is_pad),
             "task": [self.episode_instruction[e] for e in self.frame_episode[indices]],
         }
         if self.environment_state is not None:
-            batch["observation.environment_state"] = torch.from_numpy(self.environment_state[indices])
+            batch[OBS_ENV_STATE] = torch.from_numpy(self.environment_state[indices])
         for camera, frames in self.images.items():
-            batch[f"observation.images.{camera}"] = torch.from_numpy(frames[indices]).permute(0, 3, 1, 2).float() / 255
+            batch[image_key(camera)] = torch.from_numpy(frames[indices]).permute(0, 3, 1, 2).float() / 255
         for key, values in self.frame_features.items():
             batch[key] = torch.from_numpy(values[indices])
         return batch
@@ -186,7 +193,7 @@ class ChunkDataset:
         if shift > 0:
             seed = int(rng.integers(1 << 62))
             for camera in self.images:
-                key = f"observation.images.{camera}"
+                key = image_key(camera)
                 batch[key] = random_shift(batch[key], shift, torch.Generator().manual_seed(seed))
                 seed += 1
         return batch

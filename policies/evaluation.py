@@ -1,9 +1,8 @@
 """Evaluation rollouts: a policy on Gymnasium tasks through vector envs, per-task success,
-``eval_info.json`` (DESIGN.md) and optional videos."""
+``eval_info.json`` (docs/design.md) and optional videos."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -15,7 +14,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import envs  # noqa: F401  (registers the env ids)
-from envs.registration import METAWORLD_PREFIX, TABLETOP_PREFIX, make_vector_env, resolve_env_ids
+from envs.ids import is_tabletop, task_name
+from envs.registration import make_vector_env, resolve_env_ids
+from policies.io import atomic_file, write_json
 
 
 @dataclass
@@ -40,18 +41,11 @@ class EvalConfig:
 
 def _env_kwargs(env_id: str, policy: Any, config: EvalConfig, video: bool) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"cameras": tuple(policy.config.cameras), "image_size": policy.config.image_size}
-    if env_id.startswith(TABLETOP_PREFIX):
+    if is_tabletop(env_id):
         kwargs["instruction_split"] = config.instruction_split
     if video:
         kwargs.update(render_mode="rgb_array", render_size=config.video_size)
     return kwargs
-
-
-def task_name(env_id: str) -> str:
-    """``PickRed`` for ``adamoe/Tabletop-PickRed-v0``, ``reach-v3`` for ``adamoe/MetaWorld-reach-v3``."""
-    if env_id.startswith(TABLETOP_PREFIX):
-        return env_id.removeprefix(TABLETOP_PREFIX).removesuffix("-v0")
-    return env_id.removeprefix(METAWORLD_PREFIX)
 
 
 def rollout_wave(
@@ -62,6 +56,7 @@ def rollout_wave(
     obs, info = venv.reset(seed=seeds + [seeds[-1] + 10_000 + i for i in range(venv.num_envs - n)])
     policy.reset()
     returns, lengths = np.zeros(venv.num_envs), np.zeros(venv.num_envs, dtype=int)
+    max_reward = np.full(venv.num_envs, -np.inf)
     success, done = np.zeros(venv.num_envs, dtype=bool), np.zeros(venv.num_envs, dtype=bool)
     done[n:] = True
     instructions = list(obs["instruction"])
@@ -71,6 +66,7 @@ def rollout_wave(
         obs, reward, terminated, truncated, info = venv.step(action)
         live = ~done
         returns[live] += reward[live]
+        max_reward[live] = np.maximum(max_reward[live], reward[live])
         lengths[live] += 1
         success[live] |= np.asarray(info["is_success"], dtype=bool)[live]
         if record and not done[0]:
@@ -83,6 +79,9 @@ def rollout_wave(
             "return": float(returns[i]),
             "success": bool(success[i]),
             "length": int(lengths[i]),
+            # LeRobot's names for the same episode (eval_info.json reads in its tools).
+            "sum_reward": float(returns[i]),
+            "max_reward": float(max_reward[i]),
         }
         for i in range(n)
     ]
@@ -131,41 +130,43 @@ def evaluate(
     result = summarize(per_episode)
     result["eval_config"] = asdict(config)
     result["wall_s"] = time.perf_counter() - began
+    result["aggregated"]["eval_s"] = result["wall_s"]
+    result["aggregated"]["eval_ep_s"] = result["wall_s"] / max(1, len(per_episode))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / ".eval_info.json.tmp"
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(out / "eval_info.json")
+        write_json(out / "eval_info.json", result)
     return result
 
 
 def summarize(per_episode: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-task and overall success rate and mean return (DESIGN.md's ``eval_info.json``)."""
+    """Per-task and overall success rate and mean return (``eval_info.json``, docs/design.md)."""
+    per_episode = [{"episode_ix": i, **ep} for i, ep in enumerate(per_episode)]  # the caller's dicts stay as given
     tasks: dict[str, list[dict[str, Any]]] = {}
     for ep in per_episode:
         tasks.setdefault(ep["task"], []).append(ep)
-    per_task = {
-        task: {
-            "episodes": len(eps),
-            "success_rate": float(np.mean([e["success"] for e in eps])),
-            "mean_return": float(np.mean([e["return"] for e in eps])),
-            "mean_length": float(np.mean([e["length"] for e in eps])),
-        }
-        for task, eps in tasks.items()
-    }
-    aggregated = {
-        "episodes": len(per_episode),
-        "success_rate": float(np.mean([t["success_rate"] for t in per_task.values()])) if per_task else 0.0,
-        "mean_return": float(np.mean([e["return"] for e in per_episode])) if per_episode else 0.0,
-    }
+    per_task = {task: _aggregate(eps) for task, eps in tasks.items()}
+    aggregated = _aggregate(per_episode)
+    # The task mean: every task weighs the same whatever its episode count.
+    aggregated["success_rate"] = float(np.mean([t["success_rate"] for t in per_task.values()])) if per_task else 0.0
+    aggregated["pc_success"] = 100 * aggregated["success_rate"]
     return {"per_episode": per_episode, "per_task": per_task, "aggregated": aggregated}
+
+
+def _aggregate(episodes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Success rate, mean return and length over ``episodes``, with LeRobot's names beside
+    ours (``pc_success``: percent; ``avg_sum_reward`` / ``avg_max_reward``)."""
+    mean = lambda key: float(np.mean([e[key] for e in episodes])) if episodes else 0.0
+    out = {"episodes": len(episodes), "success_rate": mean("success"), "mean_return": mean("return")}
+    out["mean_length"] = mean("length")
+    out["pc_success"] = 100 * out["success_rate"]
+    out["avg_sum_reward"] = out["mean_return"]
+    out["avg_max_reward"] = mean("max_reward") if all("max_reward" in e for e in episodes) else None
+    return out
 
 
 def _write_video(frames: list[np.ndarray], path: Path, venv: gym.vector.VectorEnv) -> None:
     import imageio.v2 as imageio
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     fps = venv.envs[0].metadata.get("render_fps", 25)
-    tmp = path.with_name(f".{path.stem}.tmp.mp4")
-    imageio.mimwrite(tmp, frames, fps=fps, macro_block_size=1)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        imageio.mimwrite(tmp, frames, fps=fps, macro_block_size=1)

@@ -1,5 +1,6 @@
 """Checkpoints as ``config.json`` + ``model.safetensors`` (the LeRobot / Hugging Face shape),
-a registry keyed by the config's ``type`` tag, and atomic directory writes.
+and a registry keyed by the config's ``type`` tag; directories are written atomically
+(``policies.io.atomic_directory``).
 
 Nothing on the load path unpickles: configs are JSON, tensors are safetensors.
 """
@@ -8,16 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+import adamoe
+from policies.io import atomic_directory
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -33,31 +33,6 @@ def register_policy(type_name: str):
         return cls
 
     return wrap
-
-
-@contextmanager
-def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a hidden temporary directory beside ``final``; rename it into place on success.
-
-    An interrupted write leaves only a ``.tmp-*`` directory, never a half-written
-    ``final``; an existing ``final`` is replaced only once the new one is complete.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if final.exists():
-            old = final.parent / f".tmp-{final.name}-old-{uuid.uuid4().hex[:8]}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
@@ -98,6 +73,12 @@ class PretrainedPolicy(nn.Module):
 
     policy_type = "base"
     config_class: type
+
+    def num_parameters(self, active: bool = False) -> int:
+        """Parameters in all, or (``active=True``) those one token's output depends on: a
+        routed MoE layer counts ``experts_per_token`` of its experts, soft attention experts
+        all run so all count (``adamoe.active_parameters``)."""
+        return adamoe.active_parameters(self) if active else sum(p.numel() for p in self.parameters())
 
     def save_pretrained(self, directory: str | os.PathLike, extra_files: dict[str, str] | None = None) -> Path:
         """Write ``config.json`` and ``model.safetensors`` into ``directory``, atomically."""

@@ -1,7 +1,8 @@
 """Training loop for any policy whose ``forward(batch, step)`` returns ``(loss, logs)``.
 
-AdamW with linear warm-up then cosine decay, gradient clipping, optional EMA of the
-weights, a parameter group per learning rate (MoE routers and scale adapters at
+AdamW with linear warm-up then cosine decay (``torch.optim.lr_scheduler.LambdaLR``),
+gradient clipping, optional EMA of the weights (``torch.optim.swa_utils.AveragedModel``),
+a parameter group per learning rate (MoE routers and scale adapters at
 ``router_lr_scale`` times the base rate, as AdaMoE trains them at 2x), a progress bar,
 metrics as JSON lines, a loss-curve PNG, atomic checkpoints that resume exactly, and
 multi-process data parallelism when launched by ``torchrun`` (gloo on CPU, nccl on GPU).
@@ -32,7 +33,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import adamoe
-from policies.pretrained import atomic_directory, load_state_dict_checked, save_tensors
+from policies.io import atomic_directory
+from policies.plotting import pyplot, save_figure
+from policies.pretrained import load_state_dict_checked, save_tensors
 
 CHECKPOINT_DIR = Path("checkpoints") / "last"
 
@@ -83,6 +86,21 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
     cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine
+
+
+def _ema_model(policy: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """An exponential moving average of ``policy``'s parameters (``torch.optim.swa_utils``),
+    starting from its current weights; the decay warms up as ``min(decay, n / (n + 9))``
+    after ``n`` updates, so the first steps are not held back by the initialisation."""
+
+    def average(avg: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
+        count = float(n)  # read once per step, not once per parameter
+        torch._foreach_lerp_(avg, current, 1.0 - min(decay, count / (count + 9.0)))
+
+    averaged = torch.optim.swa_utils.AveragedModel(policy, multi_avg_fn=average, use_buffers=False)
+    averaged.requires_grad_(False)  # a copy of the weights, never trained itself
+    averaged.update_parameters(policy)  # n = 0: a copy of the start weights
+    return averaged
 
 
 def parameter_groups(policy: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
@@ -234,12 +252,21 @@ def train(
     policy.to(device).train()
     groups = parameter_groups(policy, config)
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
-    ema = [p.detach().clone() for p in policy.parameters()] if config.ema_decay else None
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] = config.lr * group["lr_scale"]
+    averaged = _ema_model(policy, config.ema_decay) if config.ema_decay else None
+    ema = list(averaged.module.parameters()) if averaged is not None else None
     start = 0
     if resume and (checkpoint / "training_state" / "state.json").is_file():
         start, rng = load_checkpoint(checkpoint, policy, optimizer, ema)
+        for group in optimizer.param_groups:  # checkpoints written before the scheduler kept it
+            group.setdefault("initial_lr", config.lr * group["lr_scale"])
+        if averaged is not None:
+            averaged.n_averaged.fill_(start + 1)  # the start weights, then one update per step
         if world > 1:  # each rank continues its own sample stream
             rng = np.random.default_rng([config.seed, rank, start])
+    # Warm-up then cosine decay (``lr_factor``), from the step training starts or resumes at.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config), last_epoch=start - 1)
     model: nn.Module = policy
     if world > 1:
         model = nn.parallel.DistributedDataParallel(
@@ -257,20 +284,16 @@ def train(
     loss_value, step = float("nan"), start
     bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not (is_main and config.progress))
     for step in range(start, end):
-        factor = lr_factor(step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * factor * group["lr_scale"]
+        lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_scale"]
         batch = dataset.sample(local_batch, rng, config.image_shift)
         loss, logs = model(batch, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip))
         optimizer.step()
-        if ema is not None:
-            decay = min(config.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for e, p in zip(ema, policy.parameters(), strict=True):
-                    e.lerp_(p.detach(), 1.0 - decay)
+        scheduler.step()
+        if averaged is not None:
+            averaged.update_parameters(policy)
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"training loss became {loss_value} at step {step}")
@@ -283,7 +306,7 @@ def train(
                 "step": done,
                 "loss": loss_value,
                 **logs,
-                "lr": config.lr * factor,
+                "lr": lr,
                 "grad_norm": grad_norm,
                 "samples_per_s": samples / (now - last_log),
                 "elapsed_s": now - began,
@@ -323,11 +346,7 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> None:
     records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     if not records:
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     steps = [r["step"] for r in records]
     panels = [("loss", "training loss"), ("balance_loss", "MoE balance loss"), ("lr", "learning rate")]
     panels = [(k, t) for k, t in panels if any(k in r for r in records)]
@@ -341,6 +360,4 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, png_path)

@@ -12,7 +12,7 @@ place, stack), into specialists. Mix (``policies.vla.mix_specialists``): special
 its attention becomes soft attention expert ``e``, everything else the specialists'
 average. The mixture is then fine-tuned on every task. For a fair reading the dense
 policy is fine-tuned on every task for the same total steps (``dense_long``: the
-specialists' steps plus the mixture's). Stages and outputs as ``scripts/demo.py``
+specialists' steps plus the mixture's). Stages and outputs as ``policies.vla.pipeline``
 (``<output-dir>/checkpoints``, ``eval``, ``results.md``), each skipped when done.
 """
 
@@ -24,19 +24,20 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import demo  # noqa: E402
 import torch  # noqa: E402
 
 import adamoe  # noqa: E402
 from envs.collection import dataset_id_for  # noqa: E402
-from envs.registration import TABLETOP_PREFIX  # noqa: E402
+from envs.ids import tabletop_id  # noqa: E402
 from envs.tasks import get_task  # noqa: E402
 from policies import from_pretrained  # noqa: E402
 from policies.data import ChunkDataset  # noqa: E402
+from policies.io import log  # noqa: E402
 from policies.training import TrainConfig  # noqa: E402
-from policies.vla import mix_specialists  # noqa: E402
+from policies.vla import mix_specialists, pipeline  # noqa: E402
+from policies.vla.report import to_markdown  # noqa: E402
 
 DEFAULT_GROUPS = {
     "reach-push": ["ReachRed", "ReachBlue", "PushRedToYellowPad", "PushGreenToPurplePad"],
@@ -44,7 +45,7 @@ DEFAULT_GROUPS = {
     "place": ["PlaceBlueOnYellowPad", "PlaceRedOnPurplePad", "PlaceGreenOnYellowPad"],
     "stack": ["StackRedOnGreen", "StackBlueOnRed"],
 }
-PRETRAINED = [demo.SHIPPED_BASE]
+PRETRAINED = [pipeline.SHIPPED_BASE]
 DATASETS = [Path("outputs/families/datasets"), Path("outputs/demo/datasets")]
 
 
@@ -65,12 +66,12 @@ def parse_groups(pairs: list[str] | None) -> dict[str, list[str]]:
     return groups
 
 
-def group_data(cfg: demo.PipelineConfig, tasks: list[str], like: ChunkDataset) -> ChunkDataset:
-    ids = [dataset_id_for(f"{TABLETOP_PREFIX}{t}-v0") for t in tasks]
+def group_data(cfg: pipeline.PipelineConfig, tasks: list[str], like: ChunkDataset) -> ChunkDataset:
+    ids = [dataset_id_for(tabletop_id(t)) for t in tasks]
     return ChunkDataset(ids, like.chunk_size, like.cameras, root=cfg.root, progress=False)
 
 
-def train_config(cfg: demo.PipelineConfig, steps: int) -> TrainConfig:
+def train_config(cfg: pipeline.PipelineConfig, steps: int) -> TrainConfig:
     """The families' fine-tuning recipe (lr, warm-up, the same batch seed) for ``steps``."""
     return TrainConfig(
         steps=steps,
@@ -91,10 +92,10 @@ def run(args: argparse.Namespace) -> int:
             "no pretrained dense VLA or datasets found: run `make demo` (or `make families`) first, or pass both flags"
         )
     tasks = [t for group in groups.values() for t in group]
-    env_ids = [f"{TABLETOP_PREFIX}{t}-v0" for t in tasks]
+    env_ids = [tabletop_id(t) for t in tasks]
     specialists = [f"specialist_{name}" for name in groups]
     cfg = replace(
-        demo.PipelineConfig(),
+        pipeline.PipelineConfig(),
         output_dir=args.output_dir or "outputs/bam",
         suite=env_ids,
         datasets_root=str(root),
@@ -105,21 +106,21 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     if args.quick:
-        quick = {k: demo.QUICK[k] for k in ("batch_size", "videos", "latency_calls")}
+        quick = {k: pipeline.QUICK[k] for k in ("batch_size", "videos", "latency_calls")}
         cfg = replace(cfg, output_dir=args.output_dir or "outputs/bam_quick", progress=False, **quick)
     began = time.perf_counter()
-    data = demo.load_data(cfg, env_ids)
+    data = pipeline.load_data(cfg, env_ids)
     out = Path(cfg.output_dir) / "checkpoints"
     total = args.specialist_steps * len(groups) + args.finetune_steps
     if not (out / "dense_long" / "config.json").is_file():
-        demo.log(f"dense_long: the dense policy fine-tuned {total} steps on every task")
-        demo.train_stage(cfg, "dense_long", from_pretrained(pretrained).train(), data, train_config(cfg, total))
+        log(f"dense_long: the dense policy fine-tuned {total} steps on every task")
+        pipeline.train_stage(cfg, "dense_long", from_pretrained(pretrained).train(), data, train_config(cfg, total))
     for (name, group), variant in zip(groups.items(), specialists, strict=True):
         if not (out / variant / "config.json").is_file():
-            demo.log(f"branch {name}: {args.specialist_steps} steps on {group}")
+            log(f"branch {name}: {args.specialist_steps} steps on {group}")
             subset = group_data(cfg, group, data)
             policy = from_pretrained(pretrained).train()
-            demo.train_stage(cfg, variant, policy, subset, train_config(cfg, args.specialist_steps))
+            pipeline.train_stage(cfg, variant, policy, subset, train_config(cfg, args.specialist_steps))
     if not (out / "bam_mixed" / "config.json").is_file():
         experts = len(groups)
         mixed = mix_specialists(
@@ -127,16 +128,16 @@ def run(args: argparse.Namespace) -> int:
             attention_config=adamoe.MoAConfig(num_experts=experts, share_kv=args.share_kv),
             generator=torch.Generator().manual_seed(cfg.seed),
         )
-        counts = mixed.parameter_counts()
-        demo.log(
-            f"mix: {experts} specialists -> {counts['total']:,} parameters ({counts['active']:,} active), "
+        total, active = mixed.num_parameters(), mixed.num_parameters(active=True)
+        log(
+            f"mix: {experts} specialists -> {total:,} parameters ({active:,} active), "
             f"fine-tuned {args.finetune_steps} steps on every task"
         )
-        demo.train_stage(cfg, "bam_mixed", mixed.train(), data, train_config(cfg, args.finetune_steps))
-    demo.evaluate_all(cfg, env_ids)
-    results = demo.report(cfg, data, env_ids, began)
+        pipeline.train_stage(cfg, "bam_mixed", mixed.train(), data, train_config(cfg, args.finetune_steps))
+    pipeline.evaluate_all(cfg, env_ids)
+    results = pipeline.report(cfg, data, env_ids, began)
     print()
-    print(demo.to_markdown(results))
+    print(to_markdown(results))
     print(f"\nwrote {Path(cfg.output_dir) / 'results.md'}; took {(time.perf_counter() - began) / 60:.1f} min")
     return 0
 
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    quick = {"specialist_steps": 10, "finetune_steps": 10, "eval_episodes": demo.QUICK["eval_episodes"]}
+    quick = {"specialist_steps": 10, "finetune_steps": 10, "eval_episodes": pipeline.QUICK["eval_episodes"]}
     full = {"specialist_steps": 200, "finetune_steps": 200, "eval_episodes": 20}
     for name, value in (quick if args.quick else full).items():
         if getattr(args, name) is None:

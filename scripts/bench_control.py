@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from policies import VLAPolicy, from_pretrained, vla_config
-from policies.control.loop import ControlConfig
+from policies.control.config import ControlConfig
 from policies.control.runner import run_policy
 
 TICKS = 3000
@@ -77,3 +77,9 @@ def run(repeats: int = 5, quick: bool = False) -> list[dict]:
             },
         ]
     return rows
+
+
+if __name__ == "__main__":
+    from policies.benchmark import section_main
+
+    raise SystemExit(section_main(run, __doc__))

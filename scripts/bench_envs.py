@@ -10,8 +10,8 @@ import numpy as np
 
 import envs
 
-TABLETOP = "adamoe/Tabletop-PickRed-v0"
-METAWORLD = "adamoe/MetaWorld-pick-place-v3"
+TABLETOP = envs.tabletop_id("PickRed")
+METAWORLD = envs.metaworld_id("pick-place-v3")
 CAMERAS_TABLETOP = ("front", "wrist")
 CAMERAS_METAWORLD = ("corner2", "gripperPOV")  # two 64x64 cameras, as for the tabletop
 
@@ -38,7 +38,7 @@ def run(repeats: int = 5, quick: bool = False) -> list[dict]:
         "tabletop, 1 env, 2x64x64 cameras": (gym.make(TABLETOP, cameras=CAMERAS_TABLETOP), steps["tabletop"], False),
         "tabletop, 1 env, state only": (gym.make(TABLETOP, cameras=()), steps["tabletop"], False),
         "tabletop, AsyncVectorEnv 2 procs, 2x64x64 cameras": (
-            envs.make_vector_env([TABLETOP, "adamoe/Tabletop-StackBlueOnRed-v0"], asynchronous=True),
+            envs.make_vector_env([TABLETOP, envs.tabletop_id("StackBlueOnRed")], asynchronous=True),
             steps["vector"],
             True,
         ),
@@ -82,3 +82,9 @@ def run(repeats: int = 5, quick: bool = False) -> list[dict]:
             }
         )
     return rows
+
+
+if __name__ == "__main__":
+    from policies.benchmark import section_main
+
+    raise SystemExit(section_main(run, __doc__))

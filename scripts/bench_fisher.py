@@ -145,3 +145,9 @@ def run_dt(repeats: int, quick: bool) -> list[dict]:
 
 def run(repeats: int = 5, quick: bool = False) -> list[dict]:
     return run_mlp(repeats, quick) + run_dt(repeats, quick)
+
+
+if __name__ == "__main__":
+    from policies.benchmark import section_main
+
+    raise SystemExit(section_main(run, __doc__))

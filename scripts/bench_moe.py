@@ -232,3 +232,9 @@ def run(repeats: int = 5, quick: bool = False) -> list[dict]:
     ratio("train", ours, "dense FFN", "train: AdaMoE auto / dense FFN (target <= 2.5)")
     ratio("train", "all experts (released code)", ours, "train: all experts / AdaMoE auto")
     return rows
+
+
+if __name__ == "__main__":
+    from policies.benchmark import section_main
+
+    raise SystemExit(section_main(run, __doc__))

@@ -17,6 +17,7 @@ import torch
 from envs.collection import collect, scene_seed
 from envs.registration import resolve_env_ids
 from policies import from_pretrained
+from policies.constants import OBS_STATE, image_key
 from policies.vla.perception import (
     SCENE_FEATURES,
     SCENE_POSITIONS,
@@ -57,10 +58,9 @@ def run(repeats: int = 5, quick: bool = False) -> list[dict]:
 
     def get(idx: np.ndarray) -> dict:
         batch = {
-            f"observation.images.{cam}": torch.from_numpy(frames[cam][idx]).permute(0, 3, 1, 2).float() / 255
-            for cam in c.cameras
+            image_key(cam): torch.from_numpy(frames[cam][idx]).permute(0, 3, 1, 2).float() / 255 for cam in c.cameras
         }
-        return batch | {"observation.state": torch.from_numpy(frames["state"][idx]), "task": [""] * len(idx)}
+        return batch | {OBS_STATE: torch.from_numpy(frames["state"][idx]), "task": [""] * len(idx)}
 
     encoded = encode_frames(policy, get, len(frames["state"]))
     positions = policy.scene_target_norm.unnormalize(torch.from_numpy(encoded[SCENE_POSITIONS])).numpy()
@@ -86,3 +86,9 @@ def run(repeats: int = 5, quick: bool = False) -> list[dict]:
                     {"benchmark": "perception", "case": case, "metric": metric, "value": row[metric], "unit": "cm"}
                 )
     return rows
+
+
+if __name__ == "__main__":
+    from policies.benchmark import section_main
+
+    raise SystemExit(section_main(run, __doc__))

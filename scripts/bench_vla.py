@@ -13,15 +13,17 @@ import time
 import numpy as np
 import torch
 
+from envs.ids import tabletop_id
 from policies import VLAPolicy, vla_config
+from policies.constants import OBS_STATE, image_key
 
 STEPS = 10
 
 
 def _batch(policy: VLAPolicy) -> dict:
     c = policy.config
-    batch = {f"observation.images.{cam}": torch.rand(1, 3, c.image_size, c.image_size) for cam in c.cameras}
-    batch["observation.state"] = torch.zeros(1, c.state_dim)
+    batch = {image_key(cam): torch.rand(1, 3, c.image_size, c.image_size) for cam in c.cameras}
+    batch[OBS_STATE] = torch.zeros(1, c.state_dim)
     batch["task"] = ["put the red cube on the purple pad"]
     return batch
 
@@ -128,7 +130,7 @@ def run_training(repeats: int = 5, quick: bool = False, batch_size: int = 64) ->
     rng = np.random.default_rng(0)
     conv = VLAPolicy(vla_config("small", **PRE_RECIPE_SMALL))
     scene = VLAPolicy(vla_config("small"))
-    tasks = ["adamoe/Tabletop-PickRed-v0", "adamoe/Tabletop-PlaceBlueOnYellowPad-v0"]
+    tasks = [tabletop_id("PickRed"), tabletop_id("PlaceBlueOnYellowPad")]
     with tempfile.TemporaryDirectory() as root:
         job = CollectionJob(
             env_ids=tasks, episodes_per_task=2 if quick else 4, noise_levels=(0.1,), root=root, workers=1
@@ -177,3 +179,9 @@ def run_training(repeats: int = 5, quick: bool = False, batch_size: int = 64) ->
             {"benchmark": "vla_train", "case": case, "metric": "ratio", "value": median[new] / median[old], "unit": "x"}
         )
     return rows
+
+
+if __name__ == "__main__":
+    from policies.benchmark import section_main
+
+    raise SystemExit(section_main(run, __doc__))

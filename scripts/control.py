@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from policies import from_pretrained  # noqa: E402
-from policies.control.loop import MERGE_RULES, MODES, ControlConfig, format_summary  # noqa: E402
+from policies.control import MERGE_RULES, MODES, ControlConfig, format_summary  # noqa: E402
 from policies.control.runner import run_policy  # noqa: E402
 
 

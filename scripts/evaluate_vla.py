@@ -22,7 +22,7 @@ import envs  # noqa: E402,F401  (GL backend first, registers the envs)
 from policies import from_pretrained  # noqa: E402
 from policies.evaluation import EvalConfig, evaluate  # noqa: E402
 from policies.training import resolve_device  # noqa: E402
-from policies.vla.recipe import SPLITS, success_markdown, success_table  # noqa: E402
+from policies.vla.recipe_report import SPLITS, success_markdown, success_table  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import envs  # noqa: E402,F401  (GL backend first, registers the envs)
 from policies.vla import parse_overrides  # noqa: E402
-from policies.vla.recipe import QUICK, RecipeConfig, run, ship  # noqa: E402
+from policies.vla.recipe import QUICK, RecipeConfig, run  # noqa: E402
+from policies.vla.recipe_report import ship  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[RecipeConfig, argparse.Namespace]:

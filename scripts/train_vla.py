@@ -108,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     policy.set_normalization(data.stats(), scene=encoder is None)
     if encoder is not None and config.freeze_vision:
         data.attach_frame_features(encode_frames(policy, data.get, len(data)))
-    counts = policy.parameter_counts()
-    print(f"VLA preset {args.preset!r}: {counts['total']:,} parameters")
+    print(f"VLA preset {args.preset!r}: {policy.num_parameters():,} parameters")
     train_config = TrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,

@@ -1,3 +1,5 @@
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,3 +23,19 @@ TINY_STATS = {
         "max": np.ones(25),
     },
 }
+
+
+def run_script(name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``scripts/<name>`` as a user runs it (a separate Python process, from the repository
+    root), capturing its output; ``check``: a non-zero exit fails with the output shown."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / name), *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"scripts/{name} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc

@@ -226,32 +226,20 @@ def test_a_real_clock_run_uses_a_background_worker_and_keeps_its_schedule():
 
 
 def test_control_command_runs_a_checkpoint_in_real_time_and_reports(tmp_path):
-    import sys
-    from pathlib import Path
+    import json
 
     import torch
 
     from policies import VLAPolicy, vla_config
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import control
+    from tests.conftest import run_script
 
     torch.manual_seed(0)
     policy = VLAPolicy(vla_config("tiny"))
     policy.upcycle(init="paper")
     policy.save_pretrained(tmp_path / "adamoe")
-    summary = control.main(
-        [
-            "--checkpoint",
-            str(tmp_path / "adamoe"),
-            "--task",
-            "ReachRed",
-            "--seconds",
-            "1",
-            "--output-dir",
-            str(tmp_path / "run"),
-        ]
-    )
+    args = ["--checkpoint", tmp_path / "adamoe", "--task", "ReachRed", "--seconds", "1"]
+    proc = run_script("control.py", *args, "--output-dir", tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())["summary"]
     assert summary["ticks"] + summary["deadline_misses"] == 50
     assert summary["chunks"] >= 2 and "success" in summary
-    assert (tmp_path / "run" / "timeline.png").is_file() and (tmp_path / "run" / "summary.json").is_file()
+    assert (tmp_path / "run" / "timeline.png").is_file() and "summary.json" in proc.stdout

@@ -4,7 +4,6 @@ merging (by averaging and into MoE), checkpoints and the merging command line.""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import gymnasium as gym
@@ -22,9 +21,9 @@ from policies.dt.evaluation import normalized_return, run_episodes
 from policies.dt.merging import BODY_PLAN, dt_fisher, merge_into_moe, merge_specialists, plan_from
 from policies.dt.recipe import build_model
 from policies.dt.training import DTTrainConfig, set_state_stats, specialist_from, train_dt
+from tests.conftest import run_script
 
 transformers = pytest.importorskip("transformers")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _hf_model(**overrides):
@@ -371,9 +370,6 @@ def test_merge_into_moe_uses_each_specialists_mlp_as_an_expert_and_reloads(tmp_p
 
 
 def test_merge_command_writes_a_checkpoint_and_computes_missing_fishers(tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import merge as merge_cli
-
     data = _toy_data()
     # Datasets on disk, so the command can compute each specialist's Fisher from its task's data.
     root = tmp_path / "datasets"
@@ -401,53 +397,20 @@ def test_merge_command_writes_a_checkpoint_and_computes_missing_fishers(tmp_path
         train_dt(model, {task: data[task]}, DTTrainConfig(steps=2, batch_size=4, tasks=[task]), progress=False)
         dirs.append(str(model.save_pretrained(tmp_path / "specialists" / task)))
     common.save_pretrained(tmp_path / "common")
-    out = merge_cli.main(
-        [
-            "--checkpoints",
-            *dirs,
-            "--method",
-            "fisher",
-            "--root",
-            str(root),
-            "--output",
-            str(tmp_path / "merged"),
-            "--fisher-samples",
-            "8",
-        ]
+    out = tmp_path / "merged"
+    run_script(
+        "merge.py", "--checkpoints", *dirs, "--method", "fisher", "--root", root, "--output", out, "--fisher-samples", 8
     )
     assert all((Path(d) / "fisher.safetensors").is_file() for d in dirs)  # computed once, kept for next time
     merged = from_pretrained(out)
     assert merged.config.role == "merge:fisher"
     assert json.loads((Path(out) / "merge.json").read_text())["tasks"] == ["a", "b"]
-    out = merge_cli.main(
-        [
-            "--checkpoints",
-            *dirs,
-            "--method",
-            "ties",
-            "--base",
-            str(tmp_path / "common"),
-            "--output",
-            str(tmp_path / "ties"),
-        ]
-    )
+    out = tmp_path / "ties"
+    run_script("merge.py", "--checkpoints", *dirs, "--method", "ties", "--base", tmp_path / "common", "--output", out)
     assert from_pretrained(out).config.role == "merge:ties"
-    out = merge_cli.main(
-        [
-            "--checkpoints",
-            *dirs,
-            "--method",
-            "moe",
-            "--root",
-            str(root),
-            "--output",
-            str(tmp_path / "moe"),
-            "--router-steps",
-            "2",
-            "--batch-size",
-            "4",
-        ]
-    )
+    out = tmp_path / "moe"
+    args = ["--root", root, "--output", out, "--router-steps", 2, "--batch-size", 4]
+    run_script("merge.py", "--checkpoints", *dirs, "--method", "moe", *args)
     assert from_pretrained(out).config.moe is not None
 
 
@@ -464,43 +427,28 @@ def test_state_normalisation_is_saved_with_the_model(tmp_path):
 
 
 def test_train_command_takes_a_dataset_path_and_fine_tunes_a_specialist(tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import train_dt as train_cli
-
     dataset_id = _locomotion_dataset(tmp_path, episodes=2, steps=20)
     path = str(tmp_path / dataset_id)
     small = ["--steps", "2", "--batch-size", "4", "--hidden-size", "16", "--n-layer", "1", "--context-length", "4"]
-    common = train_cli.main(["--dataset", f"cheetah={path}", "--output-dir", str(tmp_path / "common"), *small])
+    common = tmp_path / "common"
+    run_script("train_dt.py", "--dataset", f"cheetah={path}", "--output-dir", common, *small)
     model = from_pretrained(common)
     assert model.config.task("cheetah").env_id == "HalfCheetah-v5"
     assert (tmp_path / "common-logs" / "metrics.jsonl").is_file()
-    out = train_cli.main(
-        [
-            "--dataset",
-            f"cheetah={path}",
-            "--init",
-            str(common),
-            "--task",
-            "cheetah",
-            "--output-dir",
-            str(tmp_path / "spec"),
-            "--steps",
-            "2",
-            "--batch-size",
-            "4",
-        ]
-    )
+    out = tmp_path / "spec"
+    args = ["--init", common, "--task", "cheetah", "--output-dir", out, "--steps", 2, "--batch-size", 4]
+    run_script("train_dt.py", "--dataset", f"cheetah={path}", *args)
     assert from_pretrained(out).config.role == "specialist:cheetah"
-    with pytest.raises(SystemExit, match="--init needs --task"):
-        train_cli.main(["--dataset", f"cheetah={path}", "--init", str(common), "--output-dir", str(tmp_path / "x")])
+    args = ["--dataset", f"cheetah={path}", "--init", common, "--output-dir", tmp_path / "x"]
+    proc = run_script("train_dt.py", *args, check=False)
+    assert proc.returncode != 0 and "--init needs --task" in proc.stderr
 
 
 def test_merge_experiment_quick_run_writes_its_table_plot_and_checkpoints(tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import dt_merge
+    from policies.dt.experiment import QUICK, MergeExperimentConfig, run
 
     out = tmp_path / "run"
-    result = dt_merge.main(["--quick", "--output-dir", str(out)])
+    result = run(MergeExperimentConfig(**QUICK, output_dir=str(out)))
     rows = ("specialist", "common", "average", "fisher", "task_arithmetic", "ties", "moe")
     assert set(result["rows"]) == set(rows)
     assert result["tasks"] == ["reach-red", "pick-red"]
@@ -514,5 +462,5 @@ def test_merge_experiment_quick_run_writes_its_table_plot_and_checkpoints(tmp_pa
     for method in ("average", "fisher", "task_arithmetic", "ties", "moe"):
         assert from_pretrained(out / "seed0" / "merged" / method).config.role.startswith("merge:")
     stamp = (out / "seed0" / "merged" / "fisher" / "model.safetensors").stat().st_mtime_ns
-    dt_merge.main(["--quick", "--output-dir", str(out)])  # a second run reuses every stage
+    run_script("dt_merge.py", "--quick", "--output-dir", out)  # a second run reuses every stage
     assert (out / "seed0" / "merged" / "fisher" / "model.safetensors").stat().st_mtime_ns == stamp

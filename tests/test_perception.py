@@ -9,6 +9,7 @@ import torch
 
 from policies import VLAPolicy, from_pretrained, vla_config
 from policies.data import ChunkDataset
+from policies.stats import wilson_interval
 from policies.vla import recipe
 from policies.vla.perception import (
     SCENE_FEATURES,
@@ -162,9 +163,9 @@ def test_linear_probe_recovers_a_linear_read_out():
 
 
 def test_wilson_interval_matches_known_values():
-    low, high = recipe.wilson_interval(45, 50)
+    low, high = wilson_interval(45, 50)
     assert low == pytest.approx(0.7864, abs=1e-3) and high == pytest.approx(0.9565, abs=1e-3)
-    assert recipe.wilson_interval(0, 10)[0] == 0.0 and recipe.wilson_interval(10, 10)[1] == 1.0
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
 
 
 def test_attached_frame_features_replace_the_images_in_batches(tmp_path):

@@ -1,38 +1,27 @@
-"""The main job (scripts/demo.py): pretrain, upcycle, fine-tune, evaluate, report, in --quick mode."""
+"""The main job (policies.vla.pipeline, behind scripts/demo.py): pretrain, upcycle, fine-tune,
+evaluate, report, in --quick mode."""
 
-import importlib.util
 import json
-import sys
 import time
 
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from policies import from_pretrained
+from policies.vla import families, pipeline
+from policies.vla.report import aggregate_seeds, seeds_markdown
+from tests.conftest import ROOT, run_script
 
 VARIANTS = ("vanilla", "adamoe")
 TASKS = ["adamoe/Tabletop-ReachRed-v0", "adamoe/Tabletop-PickBlue-v0"]
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def demo():
-    return load_script("demo")
-
-
-@pytest.fixture(scope="module")
-def quick_run(demo, tmp_path_factory):
+def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo_quick")
     argv = ["--quick", "--output-dir", str(out), "--suite", *TASKS]
     start = time.perf_counter()
-    assert demo.main(argv) == 0
+    pipeline.run(pipeline.parse_args(argv))
     return out, argv, time.perf_counter() - start
 
 
@@ -74,15 +63,13 @@ def test_expert_use_is_a_distribution_over_experts_per_task_and_layer(quick_run)
 
 
 def test_checkpoints_reload_as_the_variant_they_are(quick_run):
-    from policies import from_pretrained
-
     out, _, _ = quick_run
     assert from_pretrained(out / "checkpoints" / "dense").config.moe is None
     routers = {v: from_pretrained(out / "checkpoints" / v).config.moe["config"]["router"] for v in VARIANTS}
     assert routers == {"vanilla": "topk", "adamoe": "adamoe"}
 
 
-def test_a_second_run_reuses_every_finished_stage(demo, quick_run):
+def test_a_second_run_of_the_demo_command_reuses_every_finished_stage(quick_run):
     out, argv, first = quick_run
     finished = [
         *(out / "checkpoints").glob("*/model.safetensors"),
@@ -90,81 +77,75 @@ def test_a_second_run_reuses_every_finished_stage(demo, quick_run):
     ]
     before = {p: p.stat().st_mtime_ns for p in finished}
     start = time.perf_counter()
-    assert demo.main(argv) == 0
+    proc = run_script("demo.py", *argv)
     assert {p: p.stat().st_mtime_ns for p in finished} == before  # nothing trained or evaluated again
     assert time.perf_counter() - start < first
+    assert "| adamoe | paper |" in proc.stdout and "reusing it" in proc.stdout
 
 
-def test_families_fine_tunes_each_family_and_writes_its_table_into_the_readme(quick_run, tmp_path, monkeypatch):
-    families = load_script("families")
-    readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- families:start -->\nold table\n<!-- families:end -->\noutro\n")
-    monkeypatch.setattr(families, "README", readme)
+def test_families_fine_tunes_each_family_and_writes_its_table_into_its_doc(quick_run, tmp_path):
+    doc = tmp_path / "families.md"
+    doc.write_text("intro\n<!-- families:start -->\nold table\n<!-- families:end -->\noutro\n")
     done, _, _ = quick_run
     out = tmp_path / "families"
     argv = ["--quick", "--output-dir", str(out), "--suite", *TASKS, "--datasets-root", str(done / "datasets")]
     argv += ["--pretrained", str(done / "pretrain" / "policy" / "checkpoint"), "--variants", "topany", "bam_kv"]
-    assert families.main([*argv, "--update-readme"]) == 0
-    text = readme.read_text()
+    run_script("families.py", *argv, "--update-docs", "--doc", doc)
+    text = doc.read_text()
     assert text.startswith("intro\n<!-- families:start -->\n`python scripts/families.py --quick --output-dir")
     assert text.endswith("<!-- families:end -->\noutro\n") and "old table" not in text
     assert "| topany | paper |" in text and "| bam_kv | paper |" in text and "| ReachRed |" in text
     rows = {r["variant"]: r for r in json.loads((out / "results.json").read_text())["variants"]}
     # Top-any: the measured experts per token (between 1 and all 4) set its active parameters.
     base = done / "pretrain" / "policy" / "checkpoint"
-    policy = families.demo.upcycled(families.demo.parse_args(argv), base, "topany")
+    policy = pipeline.upcycled(pipeline.parse_args(argv), base, "topany")
     per_expert = sum(p.numel() for p in policy.model.action_expert.layers[0].mlp.experts.parameters()) // 4
     depth = policy.config.depth
     assert rows["topany"]["params_total"] - 3 * depth * per_expert < rows["topany"]["params_active"]
     assert rows["topany"]["params_active"] < rows["topany"]["params_total"]
     # BAM: soft attention experts all run; one routed FFN expert of four.
-    bam = families.demo.from_pretrained(out / "checkpoints" / "bam_kv")
+    bam = from_pretrained(out / "checkpoints" / "bam_kv")
     assert bam.config.attention_moe["config"]["share_kv"] is True
     assert rows["bam_kv"]["params_active"] == rows["bam_kv"]["params_total"] - 3 * depth * per_expert
     plain = tmp_path / "plain.md"
-    plain.write_text("a README without the markers\n")
-    with pytest.raises(SystemExit, match="needs one '<!-- families:start -->' line"):
-        families.update_readme(out, "python scripts/families.py", plain)
-    assert plain.read_text() == "a README without the markers\n"
+    plain.write_text("a document without the markers\n")
+    proc = run_script("families.py", *argv, "--update-docs", "--doc", plain, check=False)
+    assert proc.returncode != 0 and "needs one '<!-- families:start -->' line" in proc.stderr
+    assert plain.read_text() == "a document without the markers\n"
 
 
 def test_bam_mixes_specialists_and_compares_with_dense_at_equal_steps(quick_run, tmp_path):
-    from policies import from_pretrained
-
-    bam = load_script("bam")
     done, _, _ = quick_run
     out = tmp_path / "bam"
     argv = ["--quick", "--output-dir", str(out), "--datasets-root", str(done / "datasets")]
     argv += ["--pretrained", str(done / "pretrain" / "policy" / "checkpoint"), "--share-kv"]
     argv += ["--groups", "reach=ReachRed", "pick=PickBlue", "--specialist-steps", "3", "--finetune-steps", "2"]
-    assert bam.main(argv) == 0
+    run_script("bam.py", *argv)
     rows = [r["variant"] for r in json.loads((out / "results.json").read_text())["variants"]]
     assert rows == ["dense_long", "specialist_reach", "specialist_pick", "bam_mixed"]
     steps = {v: json.loads((out / "runs" / v / "summary.json").read_text())["steps"] for v in rows}
     assert steps == {"dense_long": 2 * 3 + 2, "specialist_reach": 3, "specialist_pick": 3, "bam_mixed": 2}
     mixed = from_pretrained(out / "checkpoints" / "bam_mixed")
     assert mixed.config.moe["config"]["num_experts"] == 2 and mixed.config.attention_moe["config"]["share_kv"]
-    with pytest.raises(SystemExit, match="unknown tabletop task 'ReachPurple'"):
-        bam.main([*argv[:7], "--groups", "reach=ReachPurple", "pick=PickBlue"])
+    proc = run_script("bam.py", *argv[:7], "--groups", "reach=ReachPurple", "pick=PickBlue", check=False)
+    assert proc.returncode != 0 and "unknown tabletop task 'ReachPurple'" in proc.stderr
 
 
-def test_variant_names_are_checked_against_the_known_kinds(demo):
-    assert demo.parse_variant("adamoe", "paper") == ("adamoe", "paper")
-    assert demo.parse_variant("vanilla-preserve", "paper") == ("vanilla", "preserve")
-    assert demo.parse_variant("dense", "preserve") == ("dense", None)
+def test_variant_names_are_checked_against_the_known_kinds():
+    assert families.parse_variant("adamoe", "paper") == ("adamoe", "paper")
+    assert families.parse_variant("vanilla-preserve", "paper") == ("vanilla", "preserve")
+    assert families.parse_variant("dense", "preserve") == ("dense", None)
     with pytest.raises(
         ValueError, match=r"variant 'moe': the kind must be one of \('dense', 'vanilla', 'adamoe', 'switch'"
     ):
-        demo.parse_variant("moe", "paper")
+        families.parse_variant("moe", "paper")
     with pytest.raises(ValueError, match="init 'warm' is not one of"):
-        demo.parse_variant("adamoe-warm", "paper")
-    with pytest.raises(SystemExit, match="variant 'dense-paper'"):
-        demo.main(["--quick", "--variants", "dense-paper"])
+        families.parse_variant("adamoe-warm", "paper")
+    proc = run_script("demo.py", "--quick", "--variants", "dense-paper", check=False)
+    assert proc.returncode != 0 and "error: variant 'dense-paper'" in proc.stderr
 
 
 def test_experiment_aggregates_seeds_and_pairs_each_variant_with_dense_in_the_same_seed():
-    experiment = load_script("experiment")
-
     def row(variant, train, heldout, loss):
         return {
             "variant": variant,
@@ -180,21 +161,21 @@ def test_experiment_aggregates_seeds_and_pairs_each_variant_with_dense_in_the_sa
         0: {"variants": [row("pretrained", 0.1, None, 0.3), row("dense", 0.2, 0.1, 0.20), row("thor", 0.3, 0.1, 0.21)]},
         1: {"variants": [row("dense", 0.4, 0.2, 0.18), row("thor", 0.6, 0.2, 0.18)]},
     }
-    rows = {r["variant"]: r for r in experiment.aggregate(runs, ["dense", "thor"])}
+    rows = {r["variant"]: r for r in aggregate_seeds(runs, ["dense", "thor"])}
     thor = rows["thor"]
     assert thor["success_train"]["mean"] == pytest.approx(0.45)
     assert thor["vs_dense"]["success_train"]["values"] == pytest.approx([0.1, 0.2])  # seed by seed
     assert thor["vs_dense"]["demo_flow_loss"]["mean"] == pytest.approx(0.005)
     assert "vs_dense" not in rows["dense"] and "success_heldout" not in rows["pretrained"]
-    table = experiment.to_markdown(list(rows.values()), [0, 1])
+    table = seeds_markdown(list(rows.values()), [0, 1])
     assert "| thor | +15.0 ± 7.1% | +0.0 ± 0.0% | +0.0050 ± 0.0071 |" in table
     assert "| pretrained | 10 / 5 |" not in table and "10.0% (1 seed) | - |" in table
 
 
-def test_demo_refuses_model_options_that_the_shipped_base_would_ignore(demo):
-    cfg = demo.parse_args(["--set", "depth=2"])
+def test_demo_refuses_model_options_that_the_shipped_base_would_ignore():
+    cfg = pipeline.parse_args(["--set", "depth=2"])
     with pytest.raises(ValueError, match="add --pretrain"):
         cfg.validate()
-    cfg = demo.parse_args(["--pretrained", str(ROOT / "checkpoints" / "vla-tabletop-base"), "--suite", "mt10"])
+    cfg = pipeline.parse_args(["--pretrained", str(ROOT / "checkpoints" / "vla-tabletop-base"), "--suite", "mt10"])
     with pytest.raises(ValueError, match="Meta-World needs --pretrained"):
         cfg.validate()

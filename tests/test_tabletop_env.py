@@ -1,4 +1,4 @@
-"""The tabletop suite honours the observation/action contract of DESIGN.md."""
+"""The tabletop suite honours the observation/action contract of docs/design.md."""
 
 import os
 import subprocess

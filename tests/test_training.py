@@ -99,7 +99,10 @@ def test_moe_routers_get_their_own_learning_rate(dataset):
     assert len(groups["router"]["params"]) == 2 * policy.config.depth  # W_r and W_s per layer
     assert groups["no_decay"]["weight_decay"] == 0.0 and groups["decay"]["weight_decay"] > 0
     no_decay = {id(p) for p in groups["no_decay"]["params"]}
-    assert id(policy.model.text.embed.weight) in no_decay and id(policy.model.prefix_layers[0].input_norm.weight) in no_decay
+    assert (
+        id(policy.model.text.embed.weight) in no_decay
+        and id(policy.model.prefix_layers[0].input_norm.weight) in no_decay
+    )
 
 
 class OneBatch:
@@ -126,6 +129,19 @@ def test_training_reduces_the_loss_and_writes_metrics_plot_and_checkpoint(datase
     torch.testing.assert_close(
         loaded.predict_action_chunk(batch, noise=noise), policy.predict_action_chunk(batch, noise=noise)
     )
+
+
+def test_the_scheduler_sets_every_step_s_learning_rate_across_a_pause(dataset, tmp_path):
+    policy = tiny_policy(dataset)
+    policy.upcycle(init="paper")  # adds the router group, at router_lr_scale times the rate
+    cfg = fast_config(steps=6, warmup_steps=2, lr=1e-3, save_every=1)
+    train(policy, dataset, cfg, tmp_path, stop_at=3)
+    train(policy, dataset, cfg, tmp_path)  # resumes at step 3 on the same schedule
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in records] == pytest.approx([1e-3 * lr_factor(s, cfg) for s in range(6)])
+    state = json.loads((tmp_path / "checkpoints" / "last" / "training_state" / "state.json").read_text())
+    rates = {g["name"]: g["lr"] for g in state["param_groups"]}
+    assert rates["router"] == pytest.approx(cfg.router_lr_scale * rates["decay"])
 
 
 def test_resuming_continues_exactly_where_training_stopped(dataset, tmp_path):
@@ -222,6 +238,8 @@ def test_evaluation_runs_on_metaworld_tasks_with_the_policys_camera(tmp_path):
     result = evaluate(policy, ["adamoe/MetaWorld-reach-v3"], config, tmp_path, progress=False)
     episode = result["per_episode"][0]
     assert episode["task"] == "reach-v3" and episode["length"] == 500  # an untrained policy runs out of time
+    assert episode["sum_reward"] == episode["return"] and episode["max_reward"] <= 10
+    assert result["aggregated"]["eval_s"] == result["wall_s"] > 0
     assert result["per_task"]["reach-v3"]["episodes"] == 1
     assert (tmp_path / "eval_info.json").is_file()
 
@@ -235,6 +253,10 @@ def test_summary_aggregates_success_per_task_and_overall():
     s = summarize(eps)
     assert s["per_task"]["A"]["success_rate"] == 0.5 and s["per_task"]["B"]["success_rate"] == 1.0
     assert s["aggregated"]["success_rate"] == 0.75 and s["aggregated"]["episodes"] == 3
+    # LeRobot's field names beside ours, so its tools read the file.
+    assert s["aggregated"]["pc_success"] == 75.0 and s["per_task"]["A"]["pc_success"] == 50.0
+    assert s["per_task"]["A"]["avg_sum_reward"] == -2.0 and s["aggregated"]["avg_sum_reward"] == -2.0
+    assert [e["episode_ix"] for e in s["per_episode"]] == [0, 1, 2]
 
 
 def test_scene_auxiliary_loss_is_training_only(dataset, tmp_path):

@@ -14,7 +14,7 @@ from adamoe import MoAConfig, MoEConfig
 from policies import VLAPolicy, vla_config
 from policies.tokenizer import encode
 from policies.vla import mix_specialists
-from policies.vla.modeling_vla import (
+from policies.vla.model import (
     attention_mask,
     block_ids,
     flow_matching_loss,
@@ -210,8 +210,8 @@ def test_preserve_upcycling_keeps_the_dense_policys_actions():
     torch.testing.assert_close(
         moe.predict_action_chunk(batch, noise=noise), dense.predict_action_chunk(batch, noise=noise)
     )
-    counts = moe.parameter_counts()
-    assert counts["total"] > counts["active"] > dense.parameter_counts()["total"]
+    assert moe.num_parameters() > moe.num_parameters(active=True) > dense.num_parameters()
+    assert dense.num_parameters(active=True) == dense.num_parameters()
 
 
 def test_training_loss_includes_the_moe_balance_loss_when_upcycled():
@@ -236,14 +236,13 @@ def test_upcycling_attention_keeps_the_dense_policys_actions(share_kv):
         MoAConfig(num_experts=3, share_kv=share_kv, router_init_std=1.0, expert_noise_std=0.0)
     )
     assert report["layers"] == [f"model.action_expert.layers.{i}.attention_experts" for i in range(2)]
-    assert report["params_after"] > report["params_before"] == dense.parameter_counts()["total"]
+    assert report["params_after"] > report["params_before"] == dense.num_parameters()
     batch = make_batch(dense)
     noise = torch.randn(3, dense.config.chunk_size, 4)
     torch.testing.assert_close(
         moa.predict_action_chunk(batch, noise=noise), dense.predict_action_chunk(batch, noise=noise)
     )
-    counts = moa.parameter_counts()
-    assert counts["active"] == counts["total"]  # soft routing: every attention expert runs
+    assert moa.num_parameters(active=True) == moa.num_parameters()  # soft routing: every attention expert runs
 
 
 def _bam_policy(share_kv=False):
@@ -552,7 +551,7 @@ def test_unknown_word_insertion_keeps_every_word_in_order_and_fits_the_row():
 
 
 def test_fractional_word_positions_are_the_same_for_any_padding_and_span_first_to_last():
-    from policies.vla.modeling_vla import fraction_features
+    from policies.vla.model import fraction_features
 
     _, _, valid = encode(["push the red cube onto the yellow pad", "reach"], max_words=16)
     wide = fraction_features(valid)

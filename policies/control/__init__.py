@@ -2,17 +2,12 @@
 async chunk inference with merge rules, safety and telemetry."""
 
 from policies.control.clock import RealClock, SimClock, SimExecutor, ThreadExecutor
-from policies.control.loop import (
-    MERGE_RULES,
-    MODES,
-    ActionPlan,
-    ControlConfig,
-    ControlLoop,
-    ControlResult,
-    SafetyFilter,
-    format_summary,
-)
+from policies.control.config import MERGE_RULES, MODES, ControlConfig
+from policies.control.loop import ControlLoop
+from policies.control.plan import ActionPlan
 from policies.control.robot import MujocoRobot, Robot
+from policies.control.safety import SafetyFilter
+from policies.control.telemetry import ControlResult, Telemetry, format_summary
 
 __all__ = [
     "MERGE_RULES",
@@ -27,6 +22,7 @@ __all__ = [
     "SafetyFilter",
     "SimClock",
     "SimExecutor",
+    "Telemetry",
     "ThreadExecutor",
     "format_summary",
 ]

@@ -9,10 +9,13 @@ import numpy as np
 import torch
 
 import envs  # noqa: F401  (registers the env ids)
-from envs.registration import TABLETOP_PREFIX, resolve_env_ids
+from envs.ids import is_tabletop, task_env_id
+from envs.registration import resolve_env_ids
 from policies.control.clock import RealClock, SimClock
-from policies.control.loop import ControlConfig, ControlLoop, ControlResult
+from policies.control.config import ControlConfig
+from policies.control.loop import ControlLoop
 from policies.control.robot import MujocoRobot
+from policies.control.telemetry import ControlResult
 
 # The tabletop's action: gripper displacement (dx, dy, dz) and the gripper command; a safe
 # stop zeroes the displacement and keeps the gripper as it is.
@@ -35,13 +38,13 @@ def make_robot(
 ) -> MujocoRobot:
     """The task's env with the policy's cameras, driven by ``clock``; ``endless`` removes the
     time limit and keeps going after success (for timing runs)."""
-    (env_id,) = resolve_env_ids(task if "/" in task else f"{TABLETOP_PREFIX}{task}-v0")
+    (env_id,) = resolve_env_ids(task_env_id(task))
     kwargs: dict[str, Any] = {"cameras": tuple(policy.config.cameras), "image_size": policy.config.image_size}
     if video:
         kwargs.update(render_mode="rgb_array", render_size=256)
     if endless:
         kwargs.update(max_episode_steps=10**9)
-        if env_id.startswith(TABLETOP_PREFIX):
+        if is_tabletop(env_id):
             kwargs["terminate_on_success"] = False
     return MujocoRobot(gym.make(env_id, **kwargs), clock)
 

@@ -11,8 +11,8 @@ import torch
 from tqdm.auto import tqdm
 
 import envs  # noqa: F401  (registers the env ids)
+from envs.ids import is_tabletop
 from envs.locomotion import LOCOMOTION
-from envs.registration import TABLETOP_PREFIX
 from policies.dt.data import flatten_observations
 from policies.dt.modeling_dt import DecisionTransformer
 
@@ -21,7 +21,7 @@ EVAL_SEED = 100_000  # evaluation scenes come from seeds no demonstration used
 
 def env_kwargs(env_id: str) -> dict[str, Any]:
     """State-only envs: the tabletop without cameras; anything else as registered."""
-    return {"cameras": ()} if env_id.startswith(TABLETOP_PREFIX) else {}
+    return {"cameras": ()} if is_tabletop(env_id) else {}
 
 
 def _state(obs: Any) -> np.ndarray:

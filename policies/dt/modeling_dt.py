@@ -379,8 +379,3 @@ class DecisionTransformer(PretrainedPolicy):
             loss = loss + aux
             logs.update(aux_logs)
         return loss, logs
-
-    def num_parameters(self, active: bool = False) -> int:
-        """Parameters in all (``active=False``) or those one token's output depends on
-        (``active=True``, see ``adamoe.active_parameters``)."""
-        return adamoe.active_parameters(self) if active else sum(p.numel() for p in self.parameters())

@@ -20,6 +20,7 @@ from policies.dt.evaluation import EVAL_SEED, evaluate_task, normalized_return, 
 from policies.dt.merging import dt_fisher
 from policies.dt.modeling_dt import DecisionTransformer
 from policies.dt.training import DTTrainConfig, set_state_stats, specialist_from, train_dt
+from policies.io import write_json
 from policies.pretrained import read_config
 
 FISHER_NAME = "fisher.safetensors"
@@ -158,8 +159,5 @@ def references_for(model: DecisionTransformer, episodes: int, cache: Path | None
             return refs
     refs = {t.name: reference_returns(t.env_id, episodes) for t in model.config.tasks}
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.tmp")
-        tmp.write_text(json.dumps(refs, indent=2))
-        os.replace(tmp, cache)
+        write_json(cache, refs)
     return refs

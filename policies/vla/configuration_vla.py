@@ -98,7 +98,7 @@ class VLAConfig(JSONConfig):
     max_period: float = 4.0
     # What the action expert outputs: "velocity" (pi0) or "actions", the clean chunk, from
     # which the sampler derives the velocity (x-prediction): on the tabletop demos it
-    # learns several times faster per step (README, "Flow-matching parameterisation").
+    # learns several times faster per step (docs/vla.md, "Flow-matching parameterisation").
     prediction: str = "actions"
     # Noise draws per example in training: the prefix runs once and the cheap action
     # expert denoises several (t, noise) pairs, more signal per image encoded.

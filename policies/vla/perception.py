@@ -38,9 +38,9 @@ from einops import rearrange
 from torch import nn
 from tqdm.auto import tqdm
 
+from policies.constants import SCENE_FEATURES, SCENE_POSITIONS
+
 # A frame's encoder outputs, as batch keys (cached by ``encode_frames`` or computed from images).
-SCENE_POSITIONS = "observation.scene.positions"
-SCENE_FEATURES = "observation.scene.features"
 
 
 def coordinates(n: int, h: int, w: int, like: torch.Tensor) -> torch.Tensor:

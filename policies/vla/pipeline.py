@@ -1,0 +1,466 @@
+"""The main job as a library: start from a pretrained dense VLA, upcycle copies of it into
+MoE variants, fine-tune every variant for the same steps on the same batches, evaluate them
+all, and report (``make demo`` is ``scripts/demo.py``, a command line over ``run``).
+
+Stages, in one output directory (default ``outputs/demo/``); each is skipped when its
+output is complete, so an interrupted run picks up where it stopped (training resumes
+from its last checkpoint):
+
+    pretrain   pretrain/                      only with ``pretrain``: the recipe (policies/vla/recipe.py)
+    collect    datasets/                      scripted-expert demos at several noise levels
+    finetune   checkpoints/<variant>/         dense, vanilla (top-k MoE), adamoe (runs/<variant>/)
+    evaluate   eval/<variant>/eval_info.json  training phrasings (+ heldout/eval_info.json)
+    report     results.md, results.json, plots/*.png (policies/vla/report.py)
+
+The MoE variants follow AdaMoE's recipe: 4 routed experts, top-1, one shared expert,
+balance loss 0.01 then 0.005 after 500 steps, router and scale adapter at twice the base
+learning rate, every parameter trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import adamoe
+import envs  # noqa: F401  (GL backend first, registers the envs)
+from envs.collection import CollectionJob, dataset_id_for, run_collection
+from envs.datasets import dataset_path, episode_metadata, load_dataset
+from envs.ids import is_metaworld, is_tabletop, task_name
+from envs.registration import resolve_env_ids
+from policies.constants import SCENE_FEATURES, SCENE_POSITIONS
+from policies.data import ChunkDataset
+from policies.evaluation import EvalConfig, evaluate
+from policies.io import log, read_json, write_json, write_text
+from policies.pretrained import from_pretrained
+from policies.training import TrainConfig, train
+from policies.vla import recipe
+from policies.vla.configuration_vla import parse_overrides, vla_config
+from policies.vla.families import DEMO_VARIANTS, KINDS, parse_variant, upcycle_as
+from policies.vla.modeling_vla import VLAPolicy
+from policies.vla.perception import encode_frames
+from policies.vla.report import (
+    demo_flow_loss,
+    expert_use,
+    latency,
+    machine,
+    measure_routing,
+    plot_expert_use,
+    plot_success,
+    plot_training,
+    task_frames,
+    to_markdown,
+)
+
+# The shipped dense base (checkpoints/vla-tabletop-base), which the main job starts from.
+SHIPPED_BASE = Path(__file__).resolve().parents[2] / "checkpoints" / "vla-tabletop-base"
+
+
+SPLITS = ("train", "heldout")
+
+
+@dataclass
+class PipelineConfig:
+    """Everything one run of the comparison depends on (stored in ``results.json``)."""
+
+    output_dir: str = "outputs/demo"
+    suite: list[str] = field(default_factory=lambda: ["tabletop"])
+    # Collection: episodes per task and noise level. Noisy demos show the experts
+    # recovering from perturbations, which closed-loop imitation needs.
+    episodes_per_task: int = 50
+    noise: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.3])
+    workers: int = 2
+    datasets_root: str | None = None  # reuse datasets from elsewhere (default: <output_dir>/datasets)
+    # Policy and training.
+    preset: str = "small"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 64
+    # The dense policy the comparison starts from: the shipped base, as a pi0 user starts
+    # from published weights, or (``pretrain``) the recipe run here from nothing, with
+    # ``pretrain_steps`` policy steps and any other RecipeConfig field in ``recipe``.
+    pretrained: str | None = str(SHIPPED_BASE)
+    pretrain: bool = False
+    pretrain_steps: int = recipe.RecipeConfig.steps
+    recipe: dict[str, Any] = field(default_factory=dict)
+    finetune_steps: int = 200
+    finetune_lr: float = 3e-4
+    variants: list[str] = field(default_factory=lambda: list(DEMO_VARIANTS))
+    init: str = "paper"
+    num_experts: int = 4
+    top_k: int = 1
+    # Evaluation.
+    eval_episodes: int = 10
+    eval_pretrained: bool = True  # the starting point, on the training phrasings
+    videos: int = 1
+    latency_calls: int = 30
+    seed: int = 0
+    progress: bool = True
+
+    @property
+    def root(self) -> Path:
+        return Path(self.datasets_root) if self.datasets_root else Path(self.output_dir) / "datasets"
+
+    def validate(self) -> None:
+        for name in self.variants:
+            parse_variant(name, self.init)
+        if self.init not in adamoe.config.INITS:
+            raise ValueError(f"init={self.init!r} is not one of {adamoe.config.INITS}")
+        for name in ("episodes_per_task", "batch_size", "pretrain_steps", "finetune_steps", "eval_episodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        vla_config(self.preset, **self.overrides)  # a bad preset or override fails before any work
+        if self.pretrain:
+            self.recipe_config().validate()
+        elif not self.pretrained or not (Path(self.pretrained) / "config.json").is_file():
+            raise ValueError(
+                f"no pretrained checkpoint at {self.pretrained}: pass --pretrained DIR, or --pretrain to "
+                f"pretrain one from nothing (`make pretrain` makes the shipped one)"
+            )
+        else:
+            base = json.loads((Path(self.pretrained) / "config.json").read_text())
+            if self.overrides or self.preset != base.get("preset", self.preset):
+                raise ValueError(
+                    f"--preset {self.preset!r} / --set {self.overrides} shape a policy pretrained here; the run "
+                    f"starts from {self.pretrained} (preset {base.get('preset')!r}): add --pretrain, or drop them"
+                )
+            cameras = set(base.get("cameras", ()))
+            for env_id in resolve_env_ids(self.suite):
+                if is_metaworld(env_id) and not cameras <= {"corner", "corner2", "corner3", "topview"}:
+                    raise ValueError(
+                        f"{self.pretrained} sees the tabletop's cameras {sorted(cameras)}, not {env_id}'s: "
+                        "Meta-World needs --pretrained with a policy trained on it"
+                    )
+
+    def recipe_config(self) -> recipe.RecipeConfig:
+        """The pretraining recipe this run's ``--pretrain`` runs (in ``<output_dir>/pretrain``)."""
+        fields = dict(
+            output_dir=str(Path(self.output_dir) / "pretrain"),
+            suite=list(self.suite),
+            seed=self.seed,
+            workers=self.workers,
+            episodes_per_task=self.episodes_per_task,
+            noise=list(self.noise),
+            preset=self.preset,
+            overrides=dict(self.overrides),
+            steps=self.pretrain_steps,
+            batch_size=self.batch_size,
+            eval_episodes=self.eval_episodes,
+            progress=self.progress,
+        )
+        return recipe.RecipeConfig(**{**fields, **self.recipe})
+
+    @property
+    def base(self) -> Path:
+        """The dense checkpoint the comparison starts from."""
+        if self.pretrain:
+            return Path(self.recipe_config().output_dir) / "policy" / "checkpoint"
+        return Path(self.pretrained)
+
+
+QUICK = {
+    "episodes_per_task": 2,
+    "noise": [0.0],
+    "preset": "tiny",
+    "pretrain": True,
+    "recipe": {
+        key: recipe.QUICK[key]
+        for key in (
+            "scene_episodes_per_task",
+            "scene_noise",
+            "perception_steps",
+            "perception_batch_size",
+            "curve_episodes",
+        )
+    }
+    | {"curve_points": 1},
+    "batch_size": 8,
+    "pretrain_steps": 30,
+    "finetune_steps": 10,
+    "eval_episodes": 1,
+    "eval_pretrained": False,
+    "videos": 0,
+    "latency_calls": 5,
+}
+
+
+def collect(cfg: PipelineConfig, env_ids: list[str]) -> None:
+    missing = [e for e in env_ids if not dataset_path(dataset_id_for(e), cfg.root).exists()]
+    for env_id in sorted(set(env_ids) - set(missing)):
+        levels = sorted({m["noise"] for m in episode_metadata(load_dataset(dataset_id_for(env_id), root=cfg.root))})
+        if levels != sorted(cfg.noise):
+            raise ValueError(
+                f"{dataset_path(dataset_id_for(env_id), cfg.root)} holds noise levels {levels}, this run asks for "
+                f"{sorted(cfg.noise)}: choose another --output-dir, or delete that dataset to re-collect it"
+            )
+    if not missing:
+        log(f"collect: datasets complete under {cfg.root}, reusing them")
+        return
+    log(f"collect: {cfg.episodes_per_task} episodes x noise {cfg.noise} for {len(missing)} tasks -> {cfg.root}")
+    job = CollectionJob(
+        env_ids=missing,
+        episodes_per_task=cfg.episodes_per_task,
+        noise_levels=tuple(cfg.noise),
+        root=str(cfg.root),
+        seed=cfg.seed,
+        workers=cfg.workers,
+    )
+    run_collection(job, progress=cfg.progress)
+
+
+def expert_success(cfg: PipelineConfig, env_ids: list[str]) -> dict[str, float]:
+    """The scripted expert's success per task, from the noise-free demonstrations."""
+    out = {}
+    for env_id in env_ids:
+        metas = episode_metadata(load_dataset(dataset_id_for(env_id), root=cfg.root))
+        clean = [m["success"] for m in metas if m["noise"] == 0.0] or [m["success"] for m in metas]
+        out[task_name(env_id)] = float(np.mean(clean))
+    return out
+
+
+def train_stage(
+    cfg: PipelineConfig, name: str, policy: VLAPolicy, data: ChunkDataset, train_config: TrainConfig
+) -> dict[str, Any]:
+    """Train (resuming from runs/<name>/ when interrupted) and save checkpoints/<name>/."""
+    out = Path(cfg.output_dir)
+    summary = train(policy, data, train_config, out / "runs" / name, resume=True)
+    policy.save_pretrained(out / "checkpoints" / name)
+    write_json(out / "runs" / name / "summary.json", summary)
+    return summary
+
+
+def pretrain(cfg: PipelineConfig) -> Path:
+    """The dense checkpoint to start from: the shipped (or given) one, or with ``--pretrain``
+    the recipe run from nothing, whose demonstrations this run then reuses."""
+    if not cfg.pretrain:
+        log(f"pretrain: starting from {cfg.base}")
+        return cfg.base
+    recipe_cfg = cfg.recipe_config()
+    log(f"pretrain: the recipe from nothing in {recipe_cfg.output_dir} ({recipe_cfg.steps} policy steps)")
+    recipe.run(recipe_cfg)
+    if cfg.datasets_root is None:
+        cfg.datasets_root = str(recipe_cfg.root)  # the same demonstrations (same noise levels and seeds)
+    return cfg.base
+
+
+def upcycled(cfg: PipelineConfig, pretrained: Path, variant: str) -> VLAPolicy:
+    """A fresh copy of the pretrained policy, upcycled as ``variant`` asks."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return upcycle_as(from_pretrained(pretrained), variant, cfg.init, cfg.num_experts, cfg.top_k, generator)
+
+
+def finetune(cfg: PipelineConfig, data: ChunkDataset, pretrained: Path) -> None:
+    for variant in cfg.variants:
+        out = Path(cfg.output_dir) / "checkpoints" / variant
+        if (out / "config.json").is_file():
+            log(f"finetune {variant}: {out} exists, reusing it")
+            continue
+        policy = upcycled(cfg, pretrained, variant)
+        log(
+            f"finetune {variant}: {policy.num_parameters():,} parameters "
+            f"({policy.num_parameters(active=True):,} active), "
+            f"{cfg.finetune_steps} steps x {cfg.batch_size}"
+        )
+        train_config = TrainConfig(
+            steps=cfg.finetune_steps,
+            batch_size=cfg.batch_size,
+            lr=cfg.finetune_lr,
+            warmup_steps=min(50, cfg.finetune_steps // 10),
+            seed=cfg.seed + 1,  # the same batches and noise for every variant
+            progress=cfg.progress,
+        )
+        summary = train_stage(cfg, variant, policy, data, train_config)
+        log(f"finetune {variant}: {summary['wall_s'] / 60:.1f} min, final loss {summary['final_loss']:.4f}")
+
+
+def evaluated(cfg: PipelineConfig) -> list[tuple[str, Path]]:
+    out = Path(cfg.output_dir) / "checkpoints"
+    first = [("pretrained", cfg.base)] if cfg.eval_pretrained else []
+    return first + [(v, out / v) for v in cfg.variants]
+
+
+def eval_path(cfg: PipelineConfig, name: str, split: str) -> Path:
+    base = Path(cfg.output_dir) / "eval" / name
+    return base if split == "train" else base / split
+
+
+def evaluate_all(cfg: PipelineConfig, env_ids: list[str]) -> None:
+    splits = SPLITS if all(is_tabletop(e) for e in env_ids) else ("train",)
+    for name, checkpoint in evaluated(cfg):
+        policy = None
+        # The pretrained policy is the starting point, shown on the training phrasings only.
+        for split in splits[:1] if name == "pretrained" else splits:
+            out = eval_path(cfg, name, split)
+            if (out / "eval_info.json").is_file():
+                log(f"evaluate {name} ({split} phrasings): {out / 'eval_info.json'} exists")
+                continue
+            policy = policy or from_pretrained(checkpoint)
+            torch.manual_seed(cfg.seed)
+            config = EvalConfig(
+                episodes_per_task=cfg.eval_episodes,
+                instruction_split=split,
+                videos_per_task=cfg.videos if split == "train" else 0,
+            )
+            result = evaluate(policy, env_ids, config, out, progress=cfg.progress)
+            rate = 100 * result["aggregated"]["success_rate"]
+            log(f"evaluate {name} ({split} phrasings): {rate:.1f}% in {result['wall_s']:.0f} s")
+
+
+def load_eval(cfg: PipelineConfig, name: str, split: str) -> dict[str, Any] | None:
+    return read_json(eval_path(cfg, name, split) / "eval_info.json")
+
+
+def report(cfg: PipelineConfig, data: ChunkDataset, env_ids: list[str], began: float) -> dict[str, Any]:
+    """Measure every evaluated policy (parameters, latency, fit, expert use), gather the
+    evaluations, and write results.json, results.md and the plots."""
+    out = Path(cfg.output_dir)
+    experts = expert_success(cfg, env_ids)
+    names = [name for name, _ in evaluated(cfg)]
+    policies = {name: from_pretrained(path) for name, path in evaluated(cfg)}
+    frames = task_frames(data, env_ids, per_task=64, seed=cfg.seed)
+    one = data.get(next(iter(frames.values()))[:1]) if frames else data.get(np.array([0]))
+    one = {k: v for k, v in one.items() if k not in (SCENE_POSITIONS, SCENE_FEATURES)}  # time the encoder too
+    times = latency(policies, one, cfg.latency_calls)
+    for policy in policies.values():  # top-any's experts per token, for its active parameters
+        measure_routing(policy, data, frames)
+    rows = []
+    for name in names:
+        policy = policies[name]
+        row = {
+            "variant": name,
+            "init": policy.config.moe["init"] if policy.config.moe else None,
+            "params_total": policy.num_parameters(),
+            "params_active": policy.num_parameters(active=True),
+            "latency_ms": times[name],
+            "demo_flow_loss": demo_flow_loss(policy, data, frames, cfg.seed) if frames else None,
+        }
+        for split in SPLITS:
+            result = load_eval(cfg, name, split)
+            if result is not None:
+                row[f"success_{split}"] = result["aggregated"]["success_rate"]
+                row[f"per_task_{split}"] = {t: r["success_rate"] for t, r in result["per_task"].items()}
+        summary = read_json(out / "runs" / ("dense_pretrained" if name == "pretrained" else name) / "summary.json")
+        if summary is not None:
+            row["train_wall_s"] = summary["wall_s"]
+        rows.append(row)
+    routing = {
+        name: expert_use(policies[name], data, frames) for name in names if policies[name].config.moe is not None
+    }
+    results = {
+        "config": asdict(cfg),
+        "variants": rows,
+        "expert_success": experts,
+        "expert_use": routing,
+        "machine": machine(),
+        "wall_s": time.perf_counter() - began,
+    }
+    write_json(out / "results.json", results)
+    write_text(out / "results.md", to_markdown(results) + "\n")
+    plot_success(results, out / "plots" / "success_per_task.png")
+    plot_training(out / "runs", cfg.variants, out / "plots" / "training_curves.png")
+    for name, use in routing.items():
+        plot_expert_use(name, use, out / "plots" / f"expert_use_{name}.png")
+    return results
+
+
+def load_data(cfg: PipelineConfig, env_ids: list[str]) -> ChunkDataset:
+    """Every task's frames as the base policy sees them: its cameras (Meta-World: the corner
+    one) and chunk size, with its frozen scene encoder's outputs cached per frame (every
+    variant shares that encoder, so fine-tuning never runs it)."""
+    base = from_pretrained(cfg.base)
+    log(f"load: {len(env_ids)} datasets")
+    ids = [dataset_id_for(e) for e in env_ids]
+    data = ChunkDataset(ids, base.config.chunk_size, base.config.cameras, root=cfg.root, progress=cfg.progress)
+    if base.config.vision == "scene" and base.config.freeze_vision:
+        # Images stay for the latency measurement, which must include the encoder.
+        data.attach_frame_features(encode_frames(base, data.get, len(data)), drop_images=False)
+    log(f"load: {len(data):,} frames from {data.num_episodes} episodes")
+    return data
+
+
+def run(cfg: PipelineConfig, data: ChunkDataset | None = None) -> dict[str, Any]:
+    """Every stage; ``data``: the datasets already loaded (by ``load_data``), to skip re-reading."""
+    cfg.validate()
+    began = time.perf_counter()
+    env_ids = list(resolve_env_ids(cfg.suite))
+    pretrained = pretrain(cfg)
+    collect(cfg, env_ids)
+    data = data if data is not None else load_data(cfg, env_ids)
+    finetune(cfg, data, pretrained)
+    evaluate_all(cfg, env_ids)
+    results = report(cfg, data, env_ids, began)
+    print()
+    print(to_markdown(results))
+    out = Path(cfg.output_dir)
+    print(f"\nwrote {out / 'results.md'}, {out / 'results.json'} and {out / 'plots'}/*.png")
+    print(f"took {results['wall_s'] / 60:.1f} min")
+    return results
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The main job's command-line options (``config_from_args`` reads them)."""
+    d = PipelineConfig()
+    p.add_argument("--output-dir", default=d.output_dir)
+    p.add_argument("--quick", action="store_true", help="tiny preset, a few steps and episodes (< 2 min)")
+    p.add_argument("--suite", nargs="+", default=None, help="suite names or env ids (tabletop, mt10, ...)")
+    p.add_argument("--episodes-per-task", type=int, default=None, help="demos per task and noise level")
+    p.add_argument("--noise", type=float, nargs="+", default=None, help="expert action-noise levels")
+    p.add_argument("--datasets-root", default=None, help="reuse datasets under this root")
+    p.add_argument("--preset", default=None, help="VLA preset: tiny, small, base")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="VLAConfig overrides")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--pretrained", default=None, help=f"the dense checkpoint to start from (default {SHIPPED_BASE})")
+    p.add_argument("--pretrain", action="store_true", help="pretrain the dense base from nothing first (the recipe)")
+    p.add_argument("--pretrain-steps", type=int, default=None, help="policy steps of --pretrain's recipe")
+    p.add_argument("--finetune-steps", type=int, default=None)
+    p.add_argument("--finetune-lr", type=float, default=None)
+    p.add_argument("--variants", nargs="+", default=None, help=f"of {list(KINDS)} (+ -paper / -preserve)")
+    p.add_argument("--init", default=d.init, choices=adamoe.config.INITS, help="upcycling initialisation")
+    p.add_argument("--eval-episodes", type=int, default=None, help="episodes per task and phrasing split")
+    p.add_argument("--no-eval-pretrained", action="store_true", help="skip evaluating the pretrained policy")
+    p.add_argument("--seed", type=int, default=d.seed)
+
+
+def config_from_args(args: argparse.Namespace) -> PipelineConfig:
+    """The run ``add_arguments``' options ask for: the defaults (or ``QUICK``'s with
+    ``--quick``) with every given option on top."""
+    d = PipelineConfig()
+    cfg = replace(d, **QUICK) if args.quick else d
+    if args.quick:
+        cfg.output_dir = "outputs/demo_quick"
+    given = {
+        "output_dir": args.output_dir if args.output_dir != d.output_dir else None,
+        "suite": args.suite,
+        "episodes_per_task": args.episodes_per_task,
+        "noise": args.noise,
+        "datasets_root": args.datasets_root,
+        "preset": args.preset,
+        "batch_size": args.batch_size,
+        "pretrain_steps": args.pretrain_steps,
+        "pretrained": args.pretrained,
+        "finetune_steps": args.finetune_steps,
+        "finetune_lr": args.finetune_lr,
+        "variants": args.variants,
+        "eval_episodes": args.eval_episodes,
+    }
+    cfg = replace(cfg, **{k: v for k, v in given.items() if v is not None})
+    cfg.overrides = parse_overrides(args.set)
+    cfg.init, cfg.seed = args.init, args.seed
+    if args.no_eval_pretrained:
+        cfg.eval_pretrained = False
+    if args.pretrain:
+        cfg.pretrain = True
+    return cfg
+
+
+def parse_args(argv: list[str] | None = None, description: str | None = None) -> PipelineConfig:
+    """``add_arguments`` and ``config_from_args`` in one call."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return config_from_args(p.parse_args(argv))
