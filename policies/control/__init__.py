@@ -3,7 +3,7 @@ async chunk inference with merge rules, safety and telemetry."""
 
 from policies.control.clock import RealClock, SimClock, SimExecutor, ThreadExecutor
 from policies.control.config import MERGE_RULES, MODES, ControlConfig
-from policies.control.loop import ControlLoop
+from policies.control.loop import ControlLoop, stop_on_interrupt
 from policies.control.plan import ActionPlan
 from policies.control.robot import MujocoRobot, Robot
 from policies.control.safety import SafetyFilter
@@ -25,4 +25,5 @@ __all__ = [
     "Telemetry",
     "ThreadExecutor",
     "format_summary",
+    "stop_on_interrupt",
 ]

@@ -6,9 +6,10 @@ advances it instantly, and work run "detached" (an inference) accumulates its ow
 virtual duration without moving the loop's time.
 
 An executor runs one inference at a time beside the loop: ``ThreadExecutor`` in a
-background thread on the real clock; ``SimExecutor`` runs it on submission and makes the
-result available at ``submit time + its virtual duration`` on a ``SimClock``. Either
-way the loop only ever polls: a tick never waits for inference.
+background daemon thread on the real clock (closing it never waits for a hung one);
+``SimExecutor`` runs it on submission and makes the result available at ``submit time +
+its virtual duration`` on a ``SimClock``. Either way the loop only ever polls: a tick
+never waits for inference.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -106,9 +106,8 @@ class ThreadExecutor:
             # fights the main thread's), ~66 ms on a worker with 1.
             self._saved_threads = torch.get_num_threads()
             torch.set_num_threads(torch_threads)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
-        self._future: Future | None = None
         self._job: Job | None = None
+        self._done = threading.Event()
         self._saved_interval = sys.getswitchinterval()
         if switch_interval is not None:
             # The loop thread must get the GIL back within a fraction of a tick while the
@@ -122,7 +121,7 @@ class ThreadExecutor:
     def submit(self, fn: Callable[[], Any], payload: Any = None) -> Job:
         if self._job is not None:
             raise RuntimeError("an inference is already running")
-        job = Job(self.clock.now(), payload)
+        job, done = Job(self.clock.now(), payload), threading.Event()
 
         def run() -> None:
             try:
@@ -130,18 +129,23 @@ class ThreadExecutor:
             except BaseException as exc:  # reported to the loop, which stops safely
                 job.error = exc
             job.finished = self.clock.now()
+            done.set()
 
-        self._job, self._future = job, self._pool.submit(run)
+        # A daemon thread: an inference that never returns cannot keep the process alive.
+        threading.Thread(target=run, name="inference", daemon=True).start()
+        self._job, self._done = job, done
         return job
 
     def poll(self) -> Job | None:
-        if self._job is None or self._future is None or not self._future.done():
+        if self._job is None or not self._done.is_set():
             return None
-        job, self._job, self._future = self._job, None, None
+        job, self._job = self._job, None
         return job
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Stop tracking the running inference, if any, without waiting for it (a hung
+        one is abandoned to its daemon thread), and restore the interpreter's settings."""
+        self._job = None
         sys.setswitchinterval(self._saved_interval)
         if self._saved_threads is not None:
             import torch

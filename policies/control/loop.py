@@ -15,19 +15,29 @@ safe and sends it. Where the actions come from:
   prediction for a tick, weighted ``exp(-m * i)`` with ``i = 0`` the oldest). A tick
   never waits for inference; a tick with nothing planned holds the last action (starved).
 
-Safety: actions are clamped to the action space and to a maximum change per tick; an
-exception in inference stops the robot safely (hold for ``stop_hold_ticks`` ticks, then
-zero motion) and is reported. Telemetry per tick and per chunk lives in preallocated
-arrays, so a long run does not grow in memory.
+Safety: actions are clamped to the action space and to a maximum change per tick. A
+fault stops the robot safely (hold for ``stop_hold_ticks`` ticks, then zero motion) and
+is reported with its reason (``summary["stop_reason"]``), the same in both modes: an
+exception in inference (``inference_error``), a chunk of the wrong shape (``bad_chunk``),
+``max_bad_chunks`` non-finite chunks in a row (``nonfinite_chunks``; each one is
+discarded and counted), no fresh chunk for ``watchdog_s`` in async mode (``watchdog``: a
+hung inference), ``robot.act`` raising (``robot_error``: one zero-motion command is tried,
+then the run ends) or :meth:`ControlLoop.request_stop` (``stop_requested``). A hung
+inference never holds up ``run()``: the worker is a daemon thread that is not waited
+for. Telemetry per tick and per chunk lives in preallocated arrays, so a long run does
+not grow in memory.
 """
 
 from __future__ import annotations
 
 import gc
 import math
+import signal
+import threading
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +60,7 @@ __all__ = [
     "SafetyFilter",
     "Telemetry",
     "format_summary",
+    "stop_on_interrupt",
 ]
 
 
@@ -65,7 +76,11 @@ class _Run:
     k: int = 0  # the tick index (executed plus missed ticks)
     horizon: int | None = None  # H, once a chunk has been seen
     error: str | None = None
-    stop_tick: int | None = None  # set by an inference error: the safe stop starts here
+    reason: str | None = None  # why the robot was stopped (see the module's docstring)
+    stop_tick: int | None = None  # set by a fault: the safe stop starts here
+    last_fresh: float = 0.0  # when the last good chunk arrived (the watchdog's reference)
+    bad_in_row: int = 0  # non-finite chunks since the last good one
+    nonfinite: int = 0  # non-finite chunks discarded in the run
     missed_total: int = 0
     missed_pending: int = 0  # misses since the last executed tick (recorded with it)
     recent: deque = field(default_factory=lambda: deque(maxlen=20))  # latest inference latencies
@@ -76,10 +91,13 @@ class _Run:
         self.missed_pending += ticks
         self.k += ticks
 
-    def fail(self, exc: BaseException) -> None:
-        """An inference error: remember it and start the safe stop at this tick."""
-        self.error = "".join(traceback.format_exception_only(exc)).strip()
-        self.stop_tick = self.k
+    def fail(self, fault: BaseException | str, reason: str) -> None:
+        """A fault: remember it and start the safe stop at this tick (the first one counts)."""
+        if self.stop_tick is not None:
+            return
+        self.error = fault if isinstance(fault, str) else "".join(traceback.format_exception_only(fault)).strip()
+        self.reason, self.stop_tick = reason, self.k
+        self.plan.clear()
 
 
 class ControlLoop:
@@ -93,11 +111,18 @@ class ControlLoop:
         self.action_dim = int(np.prod(space.shape))
         n = self.action_dim
         self.motion = list(config.motion_dims) if config.motion_dims is not None else list(range(n))
+        self._stop_requested = threading.Event()
+
+    def request_stop(self) -> None:
+        """Stop the running loop safely at its next tick (thread-safe: a signal handler, a
+        callback or another thread may call it)."""
+        self._stop_requested.set()
 
     def run(self, seed: int | None = None, callback: Callable[[int], None] | None = None) -> ControlResult:
         """Reset the robot and run ticks until ``max_ticks``, the episode's end or a safe stop;
         ``callback(ticks_done)`` after every executed tick."""
         cfg, clock = self.config, self.clock
+        self._stop_requested.clear()
         self.robot.reset(seed=seed)
         executor = make_executor(clock) if cfg.mode == "async" else None
         plan = ActionPlan(cfg.merge, cfg.average_weight, cfg.ensemble_m)
@@ -108,7 +133,7 @@ class ControlLoop:
         pause_gc = gc.isenabled() and isinstance(clock, RealClock)
         if pause_gc:
             gc.disable()
-        run.t0 = clock.now()
+        run.t0 = run.last_fresh = clock.now()
         if primed is not None:
             run.tel.chunk(submitted=primed[0] - run.t0, finished=primed[1] - run.t0, obs_tick=0, dropped=0)
         try:
@@ -120,20 +145,33 @@ class ControlLoop:
             if pause_gc:
                 gc.enable()
                 gc.collect()
-        summary = summarize(run.tel, cfg, run.missed_total, run.error, self.robot)
+        summary = summarize(run.tel, cfg, run.missed_total, run.error, self.robot, run.reason, run.nonfinite)
         return ControlResult(summary, run.tel, run.frames)
 
     def _prime(self, run: _Run) -> tuple[float, float]:
-        """Async: infer the first chunk before tick 0 is due (the robot is at rest)."""
-        submitted = self.clock.now()
+        """Async: infer the first chunk before tick 0 is due (the robot is at rest), waiting
+        at most ``first_chunk_s``."""
+        clock, limit = self.clock, self.config.first_chunk_s
+        snapshot = _copy_obs(self.robot.observe())
+        job = run.executor.submit(lambda: self.chunk_fn(snapshot), payload=0)
+        deadline = job.submitted + limit
+        while run.executor.poll() is None:
+            if clock.now() >= deadline:
+                run.executor.close()
+                raise RuntimeError(f"the first inference did not finish within first_chunk_s={limit:g} s")
+            clock.sleep_until(min(deadline, job.finished if job.finished is not None else clock.now() + 1e-3))
         try:
-            chunk = check_chunk(self.chunk_fn(_copy_obs(self.robot.observe())), self.action_dim)
+            if job.error is not None:
+                raise job.error
+            chunk = check_chunk(job.result, self.action_dim)
+            if not np.isfinite(chunk).all():
+                raise ValueError("the chunk holds NaN or inf")
         except Exception as exc:
             run.executor.close()
             raise RuntimeError(f"the first inference failed before the loop started: {exc}") from exc
         run.horizon = len(chunk)
         run.plan.merge(chunk, 0, 0, 0)
-        return submitted, self.clock.now()
+        return job.submitted, job.finished
 
     def _tick(self, run: _Run, callback: Callable[[int], None] | None) -> bool:
         """Wait for tick ``run.k`` and execute it; False when the run ends."""
@@ -147,10 +185,9 @@ class ControlLoop:
         obs = self.robot.observe()
         if cfg.stop_on_done and self.robot.done:
             return False
+        self._watch(run, actual)
         if run.stop_tick is not None and run.k - run.stop_tick >= cfg.stop_hold_ticks:
-            run.last = run.last.copy()  # held long enough: zero motion, and stop
-            run.last[self.motion] = 0.0
-            self.robot.act(run.last)
+            self._send(run, self._zero_motion(run.last))  # held long enough: zero motion, and stop
             self._record(run, scheduled, actual, np.nan, 0, False)
             return False
         starved, age, action = False, np.nan, run.last
@@ -163,9 +200,10 @@ class ControlLoop:
             starved = planned is None and run.stop_tick is None
             if planned is not None:
                 action, age = self.safety(planned[0], run.last), run.k - planned[1]
-        self.robot.act(action)
-        run.last = np.asarray(action, dtype=np.float32)
+        sent = self._send(run, action)
         self._record(run, scheduled, actual, age, run.plan.depth(run.k + 1), starved)
+        if not sent:
+            return False
         if cfg.video and (frame := self.robot.render()) is not None:
             run.frames.append(frame)
         if callback is not None:
@@ -177,11 +215,8 @@ class ControlLoop:
         """Merge a chunk the worker finished, and start the next when the plan runs low."""
         job = run.executor.poll()
         if job is not None and job.error is not None:
-            run.fail(job.error)
-            run.plan.clear()
-        elif job is not None:
-            chunk = check_chunk(job.result, self.action_dim)
-            run.horizon = run.horizon or len(chunk)
+            run.fail(job.error, "inference_error")
+        elif job is not None and (chunk := self._accept(run, job.result, job.finished)) is not None:
             dropped = run.plan.merge(chunk, job.payload, job.payload, run.k)
             run.recent.append(job.finished - job.submitted)
             tel = dict(submitted=job.submitted - run.t0, finished=job.finished - run.t0, obs_tick=job.payload)
@@ -197,13 +232,15 @@ class ControlLoop:
         becomes the current one, late. Returns the tick's (scheduled, actual) times."""
         submitted = self.clock.now()
         try:
-            chunk = check_chunk(self.chunk_fn(obs), self.action_dim)
+            result = self.chunk_fn(obs)
         except Exception as exc:  # the robot is stopped safely
-            run.fail(exc)
+            run.fail(exc, "inference_error")
             return scheduled, actual
-        run.horizon = run.horizon or len(chunk)
-        steps = self.config.n_action_steps or max(1, len(chunk) // 2)
         finished = self.clock.now()
+        chunk = self._accept(run, result, finished)
+        if chunk is None:  # nothing planned: this tick holds the last action
+            return scheduled, actual
+        steps = self.config.n_action_steps or max(1, len(chunk) // 2)
         run.tel.chunk(submitted=submitted - run.t0, finished=finished - run.t0, obs_tick=run.k, dropped=0)
         late = int(max(0.0, finished - scheduled) // self.config.period)  # deadlines that passed
         if late:
@@ -211,6 +248,55 @@ class ControlLoop:
             scheduled, actual = run.t0 + run.k * self.config.period, finished
         run.plan.merge(chunk[:steps], run.k, run.k - late, run.k)
         return scheduled, actual
+
+    def _accept(self, run: _Run, result: Any, finished: float) -> np.ndarray | None:
+        """An inference's chunk if it is fit to plan; a wrong shape stops the robot, a
+        non-finite chunk is discarded and counted (``max_bad_chunks`` in a row stop it)."""
+        try:
+            chunk = check_chunk(result, self.action_dim)
+        except ValueError as exc:
+            run.fail(exc, "bad_chunk")
+            return None
+        if not np.isfinite(chunk).all():
+            run.nonfinite += 1
+            run.bad_in_row += 1
+            if run.bad_in_row >= self.config.max_bad_chunks:
+                run.fail(f"{run.bad_in_row} chunks in a row held NaN or inf", "nonfinite_chunks")
+            return None
+        run.bad_in_row, run.last_fresh = 0, finished
+        run.horizon = run.horizon or len(chunk)
+        return chunk
+
+    def _watch(self, run: _Run, now: float) -> None:
+        """A stop request, or (async) no fresh chunk for longer than the watchdog allows."""
+        if self._stop_requested.is_set():
+            run.fail("a stop was requested", "stop_requested")
+        limit = self.config.watchdog(run.horizon)
+        if run.executor is not None and now - run.last_fresh > limit:
+            run.fail(f"no fresh chunk for {now - run.last_fresh:.3f} s (watchdog: {limit:.3f} s)", "watchdog")
+
+    def _zero_motion(self, action: np.ndarray) -> np.ndarray:
+        stopped = np.array(action, dtype=np.float32)
+        stopped[self.motion] = 0.0
+        return stopped
+
+    def _send(self, run: _Run, action: np.ndarray) -> bool:
+        """``robot.act``; if it raises, the run stops: one zero-motion command is tried."""
+        try:
+            self.robot.act(action)
+        except Exception as exc:
+            message = "robot.act raised " + "".join(traceback.format_exception_only(exc)).strip()
+            if run.stop_tick is None:
+                run.fail(message, "robot_error")
+            else:  # already stopping: the first fault stays the reason
+                run.error = f"{run.error}; then {message}"
+            try:
+                self.robot.act(self._zero_motion(run.last))
+            except Exception:
+                pass  # nothing more can be commanded; the summary reports the fault
+            return False
+        run.last = np.asarray(action, dtype=np.float32)
+        return True
 
     def _record(self, run: _Run, scheduled: float, actual: float, age: float, depth: int, starved: bool) -> None:
         run.tel.tick(
@@ -222,6 +308,21 @@ class ControlLoop:
             missed_before=run.missed_pending,
         )
         run.missed_pending = 0
+
+
+@contextmanager
+def stop_on_interrupt(loop: ControlLoop) -> Iterator[None]:
+    """While inside, Ctrl-C (SIGINT) asks ``loop`` to stop safely instead of raising
+    ``KeyboardInterrupt`` in the middle of a tick; the previous handler comes back after.
+    Only the main thread can install a signal handler; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: loop.request_stop())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _copy_obs(obs: Any) -> Any:

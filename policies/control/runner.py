@@ -13,7 +13,7 @@ from envs.ids import is_tabletop, task_env_id
 from envs.registration import resolve_env_ids
 from policies.control.clock import RealClock, SimClock
 from policies.control.config import ControlConfig
-from policies.control.loop import ControlLoop
+from policies.control.loop import ControlLoop, stop_on_interrupt
 from policies.control.robot import MujocoRobot
 from policies.control.telemetry import ControlResult
 
@@ -65,6 +65,8 @@ def run_policy(
         config.n_action_steps = policy.config.n_action_steps
     policy.eval()
     try:
-        return ControlLoop(robot, chunk_fn(policy), config, clock).run(seed=seed)
+        loop = ControlLoop(robot, chunk_fn(policy), config, clock)
+        with stop_on_interrupt(loop):  # Ctrl-C: a safe stop, and the summary is still written
+            return loop.run(seed=seed)
     finally:
         robot.close()

@@ -82,7 +82,15 @@ def _stats(values: np.ndarray, scale: float = 1.0) -> dict[str, float]:
     }
 
 
-def summarize(tel: Telemetry, cfg: ControlConfig, missed: int, error: str | None, robot: Any) -> dict[str, Any]:
+def summarize(
+    tel: Telemetry,
+    cfg: ControlConfig,
+    missed: int,
+    error: str | None,
+    robot: Any,
+    reason: str | None = None,
+    nonfinite: int = 0,
+) -> dict[str, Any]:
     actual, scheduled = tel.tick_array("actual"), tel.tick_array("scheduled")
     jitter = np.abs(actual - scheduled)
     latency = tel.chunk_array("finished") - tel.chunk_array("submitted")
@@ -102,8 +110,10 @@ def summarize(tel: Telemetry, cfg: ControlConfig, missed: int, error: str | None
         "action_age_ticks": _stats(tel.tick_array("age")),
         "queue_depth": _stats(tel.tick_array("depth")),
         "dropped_actions": int(np.nansum(tel.chunk_array("dropped"))),
+        "nonfinite_chunks": int(nonfinite),
         "error": error,
         "safe_stop": error is not None,
+        "stop_reason": reason,
     }
     for name in ("success", "total_reward", "steps"):
         if hasattr(robot, name):
@@ -128,7 +138,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     if "success" in summary:
         lines.append(f"  task             success {summary['success']}, return {summary.get('total_reward', 0):.1f}")
     if summary["error"]:
-        lines.append(f"  SAFE STOP after an inference error: {summary['error']}")
+        lines.append(f"  SAFE STOP ({summary.get('stop_reason') or 'fault'}): {summary['error']}")
+    if summary.get("nonfinite_chunks"):
+        lines.append(f"  non-finite chunks discarded: {summary['nonfinite_chunks']}")
     return "\n".join(lines)
 
 
