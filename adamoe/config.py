@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -106,6 +107,10 @@ class MoEConfig(JSONConfig):
         self.validate()
 
     def validate(self) -> None:
+        for field in dataclasses.fields(self):  # True is an int to Python, never a count or a size here
+            value = getattr(self, field.name)
+            if isinstance(value, bool) and field.type not in ("bool", bool):
+                raise ValueError(f"{field.name} must be a number, got {value!r}")
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
             raise ValueError(f"num_experts must be an integer >= 1, got {self.num_experts!r}")
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
@@ -134,9 +139,9 @@ class MoEConfig(JSONConfig):
             raise ValueError(f"aux_free_bias needs a top-k router ('adamoe' or 'topk'), not router={self.router!r}")
         if not isinstance(self.slots_per_expert, int) or self.slots_per_expert < 1:
             raise ValueError(f"slots_per_expert must be an integer >= 1, got {self.slots_per_expert!r}")
-        if self.capacity_factor is not None and not self.capacity_factor > 0:
+        if self.capacity_factor is not None and not (math.isfinite(self.capacity_factor) and self.capacity_factor > 0):
             raise ValueError(f"capacity_factor must be > 0 (or None for dropless), got {self.capacity_factor!r}")
-        if not 0.0 <= self.gating_dropout <= 1.0:
+        if not (isinstance(self.gating_dropout, (int, float)) and 0.0 <= self.gating_dropout <= 1.0):
             raise ValueError(f"gating_dropout must be in [0, 1], got {self.gating_dropout!r}")
         if not isinstance(self.gating_dropout_expert, int) or not 0 <= self.gating_dropout_expert < self.num_experts:
             raise ValueError(
@@ -151,8 +156,9 @@ class MoEConfig(JSONConfig):
             "expert_noise_std",
             "consistency_coef",
         ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
     def balance_weight(self, step: int) -> float:
         """The balance-loss coefficient at a training step (0 when balance_loss="none")."""

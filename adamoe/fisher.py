@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
@@ -208,4 +209,11 @@ def load_fisher(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no Fisher file at {path}")
+    with safe_open(str(path), framework="pt") as f:
+        kind = (f.metadata() or {}).get("format")
+    if kind != "adamoe-fisher":
+        raise ValueError(
+            f"{path} is not a Fisher file written by save_fisher (its format is {kind!r}, not 'adamoe-fisher'); "
+            "a checkpoint's model.safetensors holds weights, not Fisher information"
+        )
     return load_file(str(path))

@@ -132,6 +132,10 @@ def fisher_merge(
                     f"the Fisher of model {i} has shape {tuple(fisher[name].shape)} for {name!r}, "
                     f"the parameter {tuple(state_dicts[i][name].shape)}"
                 )
+            values = fisher[name]
+            if not torch.isfinite(values).all() or (values < 0).any():
+                bad = "NaN or inf" if not torch.isfinite(values).all() else f"negative values (min {values.min():.3g})"
+                raise ValueError(f"the Fisher of model {i} holds {bad} for {name!r}; a Fisher is finite and >= 0")
     w = _weights(len(state_dicts), weights)
     normalized = [normalize_fisher(f, names, normalization) for f in fishers]
     merged = {}

@@ -250,7 +250,7 @@ def run_collection(job: CollectionJob, progress: bool = True) -> dict[str, Any]:
 
     if job.episodes_per_task < 1:
         raise ValueError(f"episodes_per_task must be >= 1, got {job.episodes_per_task}")
-    if not job.noise_levels or any(n < 0 for n in job.noise_levels):
+    if not job.noise_levels or any(not np.isfinite(n) or n < 0 for n in job.noise_levels):
         raise ValueError(f"noise levels must be a non-empty list of values >= 0, got {list(job.noise_levels)}")
     if len(job.noise_levels) > MAX_NOISE_LEVELS:
         raise ValueError(f"at most {MAX_NOISE_LEVELS} noise levels per job, got {len(job.noise_levels)}")

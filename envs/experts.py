@@ -38,8 +38,8 @@ class ScriptedExpert:
     """
 
     def __init__(self, noise: float = 0.0, random_action_prob: float = 0.0, seed: int | None = None):
-        if noise < 0:
-            raise ValueError(f"noise must be >= 0, got {noise}")
+        if not np.isfinite(noise) or noise < 0:  # NaN would pass a `< 0` test
+            raise ValueError(f"noise must be a finite number >= 0, got {noise}")
         if not 0.0 <= random_action_prob <= 1.0:
             raise ValueError(f"random_action_prob must be in [0, 1], got {random_action_prob}")
         self.noise = float(noise)

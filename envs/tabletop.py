@@ -88,6 +88,8 @@ class TabletopEnv(gym.Env):
             raise ValueError(f"instruction_split={instruction_split!r}; valid: {INSTRUCTION_SPLITS}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode={render_mode!r}; valid: {self.metadata['render_modes']} or None")
+        if isinstance(cameras, str):
+            raise ValueError(f"cameras={cameras!r} is a string; pass a tuple of camera names, e.g. ({cameras!r},)")
         self.cameras = tuple(cameras)
         for name in self.cameras:
             if name not in CAMERAS:
@@ -241,11 +243,17 @@ class TabletopEnv(gym.Env):
                 setattr(self, name, None)
 
 
+MAX_IMAGE_SIZE = 1024  # a render larger than this per camera is a typo, not a wish (1024^2 x 3 bytes each)
+
+
 def _size(size: int | tuple[int, int]) -> tuple[int, int]:
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    if h <= 0 or w <= 0:
-        raise ValueError(f"image size must be positive, got {size!r}")
-    return int(h), int(w)
+    """``size`` or ``(height, width)`` as two ints in [1, MAX_IMAGE_SIZE]."""
+    pair = (size, size) if isinstance(size, (int, np.integer)) and not isinstance(size, bool) else size
+    if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
+        raise ValueError(f"image size must be an int or (height, width), got {size!r}")
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 1 <= v <= MAX_IMAGE_SIZE for v in pair):
+        raise ValueError(f"image size must be whole pixels in [1, {MAX_IMAGE_SIZE}], got {size!r}")
+    return int(pair[0]), int(pair[1])
 
 
 def _separated_points(rng: np.random.Generator, n: int) -> list[tuple[float, float]]:

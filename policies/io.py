@@ -10,9 +10,11 @@ processes writing beside each other never touch each other's temporaries.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -58,29 +60,89 @@ def write_json(path: str | os.PathLike, data: Any, indent: int = 2) -> Path:
     return write_text(path, json.dumps(data, indent=indent) + "\n")
 
 
+def _stamp() -> str:
+    """Who writes a temporary: this host and process (a stale one can be told apart)."""
+    return f"{socket.gethostname().replace('-', '_')}-{os.getpid()}"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(final: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries of ``final`` that killed processes of this host left behind:
+    only names this module stamped with this host whose process no longer runs, so another
+    run's write in progress is never touched. Returns what was removed."""
+    final = Path(final)
+    prefix, host = f".tmp-{final.name}-", _stamp().rsplit("-", 1)[0]
+    removed = []
+    for path in final.parent.glob(f"{prefix}*") if final.parent.is_dir() else ():
+        parts = path.name[len(prefix) :].split("-")  # [old-]host-pid-random
+        parts = parts[1:] if parts[0] == "old" else parts
+        if len(parts) == 3 and parts[0] == host and parts[1].isdigit() and not _process_alive(int(parts[1])):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False
+    where the system or the file system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 @contextmanager
 def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a hidden temporary directory beside ``final``; rename it into place on success.
+    """Yield a hidden temporary directory beside ``final``; move it into place on success.
 
-    An interrupted write leaves only a ``.tmp-*`` directory, never a half-written
-    ``final``; an existing ``final`` is replaced only once the new one is complete.
+    Every file is flushed to disk before the move. An existing ``final`` is swapped with
+    the new one in one atomic step where the system allows it (Linux), so at every moment
+    the old directory or the new one is in place, and then removed; elsewhere it is moved
+    aside just before. An interrupted write leaves only a host- and pid-stamped ``.tmp-*``
+    directory, which :func:`remove_stale_temporaries` (run by every write) clears once its
+    process is gone.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    remove_stale_temporaries(final)
+    tmp = final.parent / f".tmp-{final.name}-{_stamp()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
         for file in tmp.rglob("*"):
             if file.is_file():
                 _fsync(file)
-        if final.exists():
-            old = final.parent / f".tmp-{final.name}-old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        _fsync_directory(tmp)
+        if final.exists() and _exchange(tmp, final):
+            pass  # tmp now holds the old directory, removed below
+        elif final.exists():
+            old = final.parent / f".tmp-{final.name}-old-{_stamp()}-{uuid.uuid4().hex[:8]}"
             final.rename(old)
             tmp.rename(final)
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(final)
+        _fsync_directory(final.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

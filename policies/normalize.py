@@ -40,6 +40,18 @@ class Normalizer(nn.Module):
             buffer.copy_(value)
         return self
 
+    @property
+    def fitted(self) -> bool:
+        """False while every statistic still holds its initial value (mean 0, std 1, range
+        [-1, 1]): ``fit`` was never called, neither here nor in the checkpoint loaded."""
+        initial = (
+            bool((self.mean == 0).all())
+            and bool((self.std == 1).all())
+            and bool((self.min == -1).all())
+            and bool((self.max == 1).all())
+        )
+        return not initial
+
     def _scale(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mode == "mean_std":
             return self.mean, self.std.clamp_min(self.eps)

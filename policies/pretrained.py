@@ -7,6 +7,7 @@ Nothing on the load path unpickles: configs are JSON, tensors are safetensors.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -21,6 +22,7 @@ from policies.io import atomic_directory
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+MANIFEST_NAME = "manifest.json"  # every file the save wrote, with its size and SHA-256
 POLICIES: dict[str, type[PretrainedPolicy]] = {}
 
 
@@ -68,6 +70,63 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
+def sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: str | os.PathLike, names: list[str]) -> None:
+    """``manifest.json``: each of ``names`` (files in ``directory``) with its size and SHA-256."""
+    directory = Path(directory)
+    files = {n: {"bytes": (directory / n).stat().st_size, "sha256": sha256(directory / n)} for n in sorted(names)}
+    (directory / MANIFEST_NAME).write_text(json.dumps({"files": files}, indent=2) + "\n")
+
+
+def verify_checkpoint(directory: str | os.PathLike, names: tuple[str, ...] = (CONFIG_NAME, WEIGHTS_NAME)) -> None:
+    """Check ``names`` against the checkpoint's manifest: a changed size or hash (a
+    corrupted or replaced file) raises a ``ValueError`` naming the file. A checkpoint
+    written before manifests existed has none and is not checked."""
+    directory = Path(directory)
+    manifest = directory / MANIFEST_NAME
+    if not manifest.is_file():
+        return
+    files = json.loads(manifest.read_text()).get("files", {})
+    for name in names:
+        expected, path = files.get(name), directory / name
+        if expected is None or not path.is_file():
+            continue
+        if path.stat().st_size != expected["bytes"] or sha256(path) != expected["sha256"]:
+            raise ValueError(
+                f"{path} does not match its SHA-256 in {MANIFEST_NAME} (expected {expected['sha256'][:16]}...): "
+                "the file is corrupted or was replaced; pass verify=False to load it anyway"
+            )
+
+
+def _check_destination(directory: Path, overwrite: bool) -> None:
+    """A save may replace a checkpoint of ours (with ``overwrite``), never anything else."""
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} is a file; a checkpoint is saved as a directory: choose a folder path")
+    contents = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+    if not contents:
+        return
+    manifest = directory / MANIFEST_NAME
+    ours = {CONFIG_NAME, WEIGHTS_NAME, MANIFEST_NAME}
+    if manifest.is_file():
+        ours |= set(json.loads(manifest.read_text()).get("files", {}))
+    foreign = [n for n in contents if n not in ours]
+    if foreign or CONFIG_NAME not in contents:
+        shown = ", ".join(foreign[:3] or contents[:3]) + (", ..." if len(foreign or contents) > 3 else "")
+        raise FileExistsError(
+            f"{directory} is not empty and is not a policy checkpoint (it holds {shown}); saving would "
+            "delete what is there: choose a new or empty folder"
+        )
+    if not overwrite:
+        raise FileExistsError(f"{directory} already holds a checkpoint; pass overwrite=True (--overwrite) to replace")
+
+
 class PretrainedPolicy(nn.Module):
     """Base of every policy: ``save_pretrained`` / ``from_pretrained`` and the action queue API."""
 
@@ -80,18 +139,31 @@ class PretrainedPolicy(nn.Module):
         all run so all count (``adamoe.active_parameters``)."""
         return adamoe.active_parameters(self) if active else sum(p.numel() for p in self.parameters())
 
-    def save_pretrained(self, directory: str | os.PathLike, extra_files: dict[str, str] | None = None) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory``, atomically."""
+    def save_pretrained(
+        self, directory: str | os.PathLike, extra_files: dict[str, str] | None = None, overwrite: bool = True
+    ) -> Path:
+        """Write ``config.json``, ``model.safetensors``, ``extra_files`` and a
+        ``manifest.json`` of their hashes into ``directory``, atomically. An existing
+        checkpoint there is replaced only with ``overwrite``; a file, or a folder holding
+        anything else, is refused (nothing is deleted that this save did not write)."""
         directory = Path(directory)
+        _check_destination(directory, overwrite)
         with atomic_directory(directory) as tmp:
             (tmp / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
             save_tensors(self.state_dict(), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
             for name, text in (extra_files or {}).items():
                 (tmp / name).write_text(text)
+            write_manifest(tmp, [CONFIG_NAME, WEIGHTS_NAME, *(extra_files or {})])
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> PretrainedPolicy:
+    def from_pretrained(
+        cls, directory: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True
+    ) -> PretrainedPolicy:
+        """Load a checkpoint; ``verify`` checks its files against ``manifest.json`` first
+        (off for very large files, at your own risk)."""
+        if verify:
+            verify_checkpoint(directory)
         data = read_config(directory)
         if data["type"] != cls.policy_type:
             raise ValueError(f"{directory} holds a {data['type']!r} policy, not a {cls.policy_type!r} one")
@@ -103,9 +175,12 @@ class PretrainedPolicy(nn.Module):
         return policy.to(device).eval()
 
 
-def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "cpu") -> PretrainedPolicy:
-    """Load any policy checkpoint, dispatching on its ``type`` tag."""
+def from_pretrained(
+    directory: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True
+) -> PretrainedPolicy:
+    """Load any policy checkpoint, dispatching on its ``type`` tag (``verify``: see
+    :meth:`PretrainedPolicy.from_pretrained`)."""
     kind = read_config(directory)["type"]
     if kind not in POLICIES:
         raise ValueError(f"unknown policy type {kind!r} in {directory}; known policy types are {sorted(POLICIES)}")
-    return POLICIES[kind].from_pretrained(directory, device)
+    return POLICIES[kind].from_pretrained(directory, device, verify=verify)

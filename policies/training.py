@@ -74,8 +74,15 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     valid = ("auto", "cpu", "cuda")
-    if name.split(":")[0] not in valid:
+    if not isinstance(name, str) or name.split(":")[0] not in valid:
         raise ValueError(f"device {name!r} is not one of {valid} (or cuda:N)")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            build = f"torch {torch.__version__}" + (" (a CPU-only build)" if torch.version.cuda is None else "")
+            raise ValueError(f"device {name!r}: CUDA is not available here ({build}); use 'cpu' or 'auto'")
+        index = name.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise ValueError(f"device {name!r}: there are {torch.cuda.device_count()} CUDA devices")
     return torch.device(name)
 
 

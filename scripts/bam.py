@@ -162,11 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in (quick if args.quick else full).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    try:
-        return run(args)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from err
+    return run(args)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from policies.cli import run_cli
+
+    raise SystemExit(run_cli(main))

@@ -61,4 +61,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from policies.cli import run_cli
+
+    raise SystemExit(run_cli(main))

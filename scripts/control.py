@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     policy = from_pretrained(args.checkpoint)
     if not hasattr(policy, "predict_action_chunk"):
-        raise SystemExit(f"{args.checkpoint} holds a {policy.policy_type!r} policy without predict_action_chunk")
+        raise ValueError(f"{args.checkpoint} holds a {policy.policy_type!r} policy without predict_action_chunk")
     ticks = int(args.seconds * args.rate) if args.seconds else 10**6
     config = ControlConfig(
         rate_hz=args.rate,
@@ -61,4 +61,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from policies.cli import run_cli
+
+    raise SystemExit(run_cli(main))

@@ -33,12 +33,11 @@ from policies.vla import pipeline  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        pipeline.run(pipeline.parse_args(argv, __doc__))
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from err
+    pipeline.run(pipeline.parse_args(argv, __doc__))
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from policies.cli import run_cli
+
+    raise SystemExit(run_cli(main))

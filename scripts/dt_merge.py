@@ -64,12 +64,11 @@ def parse_args(argv: list[str] | None = None) -> MergeExperimentConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        run(parse_args(argv))
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from err
+    run(parse_args(argv))
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from policies.cli import run_cli
+
+    raise SystemExit(run_cli(main))

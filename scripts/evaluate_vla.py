@@ -21,6 +21,7 @@ import torch  # noqa: E402
 import envs  # noqa: E402,F401  (GL backend first, registers the envs)
 from policies import from_pretrained  # noqa: E402
 from policies.evaluation import EvalConfig, evaluate  # noqa: E402
+from policies.io import write_text  # noqa: E402
 from policies.training import resolve_device  # noqa: E402
 from policies.vla.recipe_report import SPLITS, success_markdown, success_table  # noqa: E402
 
@@ -36,25 +37,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--output-dir", default="outputs/evaluate_vla")
     args = p.parse_args(argv)
-    try:
-        policy = from_pretrained(args.checkpoint, device=resolve_device(args.device))
-        results = {}
-        for split in args.splits:
-            config = EvalConfig(episodes_per_task=args.episodes, instruction_split=split, videos_per_task=args.videos)
-            torch.manual_seed(args.seed)
-            results[split] = evaluate(policy, args.suite, config, Path(args.output_dir) / split)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    policy = from_pretrained(args.checkpoint, device=resolve_device(args.device))
+    results = {}
+    for split in args.splits:
+        config = EvalConfig(episodes_per_task=args.episodes, instruction_split=split, videos_per_task=args.videos)
+        torch.manual_seed(args.seed)
+        results[split] = evaluate(policy, args.suite, config, Path(args.output_dir) / split)
     text = success_markdown(success_table(results))
-    out = Path(args.output_dir) / "results.md"
-    tmp = out.with_name(".results.md.tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    out = write_text(Path(args.output_dir) / "results.md", text)
     print(text)
     print(f"wrote {out}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from policies.cli import run_cli
+
+    raise SystemExit(run_cli(main))

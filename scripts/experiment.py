@@ -77,19 +77,16 @@ def main(argv: list[str] | None = None) -> int:
         base.pretrain = True
     began = time.perf_counter()
     runs = {}
-    try:
-        data = None  # the seeds share one collection: read it once
-        for seed in args.seeds:
-            cfg = seed_config(base, out, seed, args.seeds[0], shared=not args.pretrain_per_seed)
-            log(f"experiment: seed {seed} -> {cfg.output_dir}")
-            if data is None or args.pretrain_per_seed:  # the cached encoder outputs are the base's
-                env_ids = list(resolve_env_ids(cfg.suite))
-                pipeline.pretrain(cfg)
-                pipeline.collect(cfg, env_ids)
-                data = pipeline.load_data(cfg, env_ids)
-            runs[seed] = pipeline.run(cfg, data)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from err
+    data = None  # the seeds share one collection: read it once
+    for seed in args.seeds:
+        cfg = seed_config(base, out, seed, args.seeds[0], shared=not args.pretrain_per_seed)
+        log(f"experiment: seed {seed} -> {cfg.output_dir}")
+        if data is None or args.pretrain_per_seed:  # the cached encoder outputs are the base's
+            env_ids = list(resolve_env_ids(cfg.suite))
+            pipeline.pretrain(cfg)
+            pipeline.collect(cfg, env_ids)
+            data = pipeline.load_data(cfg, env_ids)
+        runs[seed] = pipeline.run(cfg, data)
     rows = aggregate_seeds(runs, base.variants)
     results = {
         "seeds": args.seeds,
@@ -111,4 +108,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from policies.cli import run_cli
+
+    raise SystemExit(run_cli(main))

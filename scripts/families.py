@@ -80,11 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--update-docs", action="store_true", help="write the table into --doc, between its markers")
     p.add_argument("--doc", type=Path, default=DOC, help=f"the document --update-docs writes (default {DOC})")
     args = p.parse_args(with_defaults(argv))
-    try:
-        cfg = pipeline.config_from_args(args)
-        pipeline.run(cfg)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from err
+    cfg = pipeline.config_from_args(args)
+    pipeline.run(cfg)
     if args.update_docs:
         shown = [a for i, a in enumerate(argv) if a not in ("--update-docs", "--doc") and argv[i - 1 : i] != ["--doc"]]
         update_doc(Path(cfg.output_dir), shlex.join(["python", "scripts/families.py", *shown]), args.doc)
@@ -93,4 +90,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from policies.cli import run_cli
+
+    raise SystemExit(run_cli(main))

@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoints", nargs="+", required=True, help="specialist checkpoint directories")
     p.add_argument("--tasks", nargs="+", default=None, help="the task of each checkpoint (default: from its config)")
     p.add_argument("--method", required=True, choices=MERGE_METHODS)
-    p.add_argument("--output", required=True, help="merged checkpoint directory")
+    p.add_argument("--output", required=True, help="merged checkpoint directory (new, empty, or --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace the checkpoint already at --output")
     p.add_argument("--base", default=None, help="the common initialisation (task_arithmetic, ties)")
     p.add_argument("--plan", default="body")
     p.add_argument("--fishers", nargs="+", default=None, help="Fisher files, one per checkpoint")
@@ -62,17 +63,17 @@ def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     dirs = [Path(c) for c in args.checkpoints]
     if args.tasks is not None and len(args.tasks) != len(dirs):
-        raise SystemExit(f"--tasks names {len(args.tasks)} tasks for {len(dirs)} checkpoints")
+        raise ValueError(f"--tasks names {len(args.tasks)} tasks for {len(dirs)} checkpoints")
     if args.fishers is not None and len(args.fishers) != len(dirs):
-        raise SystemExit(f"--fishers gives {len(args.fishers)} files for {len(dirs)} checkpoints")
+        raise ValueError(f"--fishers gives {len(args.fishers)} files for {len(dirs)} checkpoints")
     tasks = args.tasks or [specialist_task(d) for d in dirs]
     if len(set(tasks)) != len(tasks):
-        raise SystemExit(f"two checkpoints are specialists of the same task: {tasks}")
+        raise ValueError(f"two checkpoints are specialists of the same task: {tasks}")
     specialists: dict[str, DecisionTransformer] = {}
     for task, directory in zip(tasks, dirs, strict=True):
         model = from_pretrained(directory)
         if not isinstance(model, DecisionTransformer):
-            raise SystemExit(f"{directory} holds a {model.policy_type!r} policy, not a Decision Transformer")
+            raise ValueError(f"{directory} holds a {model.policy_type!r} policy, not a Decision Transformer")
         specialists[task] = model
 
     def data(task: str):
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> Path:
         merged = merge_specialists(specialists, args.method, **options)
     out = merged.save_pretrained(
         args.output,
+        overwrite=args.overwrite,
         extra_files={
             "merge.json": json.dumps(
                 {"method": args.method, "plan": args.plan, "checkpoints": [str(d) for d in dirs], "tasks": tasks},
@@ -137,4 +139,6 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    from policies.cli import run_cli
+
+    raise SystemExit(run_cli(main))

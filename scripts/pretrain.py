@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import envs  # noqa: E402,F401  (GL backend first, registers the envs)
+from policies.training import resolve_device  # noqa: E402
 from policies.vla import parse_overrides  # noqa: E402
 from policies.vla.recipe import QUICK, RecipeConfig, run  # noqa: E402
 from policies.vla.recipe_report import ship  # noqa: E402
@@ -62,22 +63,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[RecipeConfig, argparse.Na
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg, args = parse_args(argv)
-        report = run(cfg)
-        if args.ship:
-            path = ship(
-                cfg, report, args.ship, command=" ".join(["python", "scripts/pretrain.py", *(argv or sys.argv[1:])])
-            )
-            print(f"shipped {path}")
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume", file=sys.stderr)
-        return 130
+    cfg, args = parse_args(argv)
+    resolve_device(cfg.device)  # an unusable device is an error before any work starts
+    report = run(cfg)
+    if args.ship:
+        command = " ".join(["python", "scripts/pretrain.py", *(sys.argv[1:] if argv is None else argv)])
+        print(f"shipped {ship(cfg, report, args.ship, command=command)}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from policies.cli import run_cli
+
+    raise SystemExit(run_cli(main))

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from policies import DecisionTransformer, from_pretrained  # noqa: E402
 from policies.dt.recipe import build_model, load_task_data, parse_datasets  # noqa: E402
 from policies.dt.training import DTTrainConfig, specialist_from, train_dt  # noqa: E402
+from policies.training import resolve_device  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,15 +55,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
+    resolve_device(args.device)  # an unusable device is an error before any work starts
     data = load_task_data(parse_datasets(args.dataset), args.root)
     for task, d in data.items():
         print(f"{task}: {json.dumps(d.summary())}")
     if args.init:
         if args.task is None or args.task not in data:
-            raise SystemExit(f"--init needs --task naming one of the datasets' tasks {sorted(data)}")
+            raise ValueError(f"--init needs --task naming one of the datasets' tasks {sorted(data)}")
         common = from_pretrained(args.init)
         if not isinstance(common, DecisionTransformer):
-            raise SystemExit(f"{args.init} holds a {common.policy_type!r} policy, not a Decision Transformer")
+            raise ValueError(f"{args.init} holds a {common.policy_type!r} policy, not a Decision Transformer")
         model, tasks = specialist_from(common, args.task), [args.task]
     else:
         model = build_model(
@@ -102,4 +104,6 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    from policies.cli import run_cli
+
+    raise SystemExit(run_cli(main))

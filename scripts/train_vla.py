@@ -28,7 +28,7 @@ from policies import (  # noqa: E402
 )
 from policies.data import ChunkDataset  # noqa: E402
 from policies.evaluation import EvalConfig, evaluate  # noqa: E402
-from policies.training import TrainConfig, train  # noqa: E402
+from policies.training import TrainConfig, resolve_device, train  # noqa: E402
 from policies.vla import parse_overrides  # noqa: E402
 from policies.vla.perception import encode_frames  # noqa: E402
 from policies.vla.recipe import ENCODER_STATE, BalancedSampler  # noqa: E402
@@ -75,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    resolve_device(args.device)  # an unusable device is an error before any work starts
     config = vla_config(args.preset, **parse_overrides(args.set))
     encoder = from_pretrained(args.encoder) if args.encoder else None
     if config.vision == "scene" and encoder is None:
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     data = ChunkDataset(datasets, config.chunk_size, config.cameras, root=args.root)
     if args.scene_aux > 0:
         if data.environment_state is None:
-            raise SystemExit("--scene-aux needs datasets whose observations hold environment_state")
+            raise ValueError("--scene-aux needs datasets whose observations hold environment_state")
         config.scene_aux_dim, config.scene_aux_weight = data.environment_state.shape[1], args.scene_aux
     print(f"{len(data):,} frames from {data.num_episodes} episodes in {len(datasets)} datasets")
     policy = VLAPolicy(config)
@@ -139,4 +140,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from policies.cli import run_cli
+
+    raise SystemExit(run_cli(main))

@@ -379,7 +379,8 @@ def test_save_and_load_round_trip_rebuilds_the_exact_policy(tmp_path, init):
             for p in policy.parameters():
                 p.add_(0.01 * torch.randn_like(p))
     policy.save_pretrained(tmp_path / "ckpt")
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert files == ["config.json", "manifest.json", "model.safetensors"]
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert config["type"] == "vla" and config["preset"] == "tiny"
     assert (config["moe"] is None) == (init is None)
@@ -396,6 +397,7 @@ def test_save_and_load_round_trip_rebuilds_the_exact_policy(tmp_path, init):
 
 def test_checkpoint_with_a_missing_or_misshaped_tensor_names_it(tmp_path):
     make_policy().save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "manifest.json").unlink()  # hand-edited weights: as a checkpoint from before manifests
     weights = tmp_path / "ckpt" / "model.safetensors"
     tensors = load_file(str(weights))
     missing = dict(tensors)
@@ -611,6 +613,7 @@ def test_a_checkpoint_saved_before_the_language_settings_loads_with_its_learned_
     for key in ("word_positions", "word_insertion", "text_tokens"):
         del config[key]
     (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "old" / "manifest.json").unlink()  # that old checkpoint had none
     loaded = policies.from_pretrained(tmp_path / "old")
     assert loaded.config.word_positions == "learned" and loaded.model.text_pos is not None
     batch = make_batch(policy)

@@ -43,7 +43,16 @@ def parse_datasets(items: list[str]) -> dict[str, str]:
 
 
 def load_task_data(datasets: Mapping[str, str], root: str | os.PathLike | None = None) -> dict[str, OfflineData]:
-    return {task: load_offline(name, root) for task, name in datasets.items()}
+    out = {}
+    for task, name in datasets.items():
+        try:
+            out[task] = load_offline(name, root)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(
+                f"{exc}; a dataset is given as TASK=MINARI_ID_OR_PATH (or a bare id or path), "
+                "e.g. pick-red=tabletop/pick-red/dt-state-v0"
+            ) from exc
+    return out
 
 
 def task_specs(

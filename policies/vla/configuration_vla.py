@@ -125,6 +125,8 @@ class VLAConfig(JSONConfig):
     preset: str = field(default="small")
 
     def __post_init__(self) -> None:
+        if isinstance(self.cameras, str):
+            raise ValueError(f"cameras={self.cameras!r} is a string; pass a tuple of names, e.g. ({self.cameras!r},)")
         self.cameras = tuple(self.cameras)
         self.vision_channels = tuple(self.vision_channels)
         self.scene_channels = tuple(self.scene_channels)
@@ -136,8 +138,8 @@ class VLAConfig(JSONConfig):
         self.validate()
 
     def validate(self) -> None:
-        if not self.cameras:
-            raise ValueError("cameras must name at least one camera")
+        if isinstance(self.cameras, str) or not self.cameras:
+            raise ValueError(f"cameras must be a non-empty tuple of camera names, got {self.cameras!r}")
         positive = (
             "image_size",
             "state_dim",
@@ -158,8 +160,10 @@ class VLAConfig(JSONConfig):
         )
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.image_size > 1024:
+            raise ValueError(f"image_size must be at most 1024 pixels, got {self.image_size}")
         if self.vision not in VISIONS:
             raise ValueError(f"vision={self.vision!r} is not one of {VISIONS}")
         for name in ("scene_keypoints", "scene_hidden"):

@@ -21,6 +21,7 @@ The action expert's feed-forward blocks are plain gated MLPs named
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from typing import Any
 
@@ -56,6 +57,7 @@ class VLAPolicy(PretrainedPolicy):
         super().__init__()
         self.config = config
         self.model = VLAModel(config)
+        self._warned_unfitted = False
         self.state_norm = Normalizer(config.state_dim, config.normalization)
         self.action_norm = Normalizer(config.action_dim, config.normalization)
         if config.scene_aux_dim:
@@ -247,6 +249,11 @@ class VLAPolicy(PretrainedPolicy):
             image = image[None] if single else image
             if image.ndim != 4 or image.shape[1:] != (size, size, 3):
                 raise ValueError(f"camera {camera!r} image must be ({size}, {size}, 3) uint8, got {image.shape[1:]}")
+            if image.dtype != np.uint8:
+                raise ValueError(
+                    f"camera {camera!r} image has dtype {image.dtype}; observations carry uint8 images in "
+                    "[0, 255] (the envs' contract). Floats in [0, 1]: pass (image * 255).round().astype(np.uint8)"
+                )
             batch[image_key(camera)] = torch.from_numpy(image).permute(0, 3, 1, 2).float() / 255.0
         instruction = obs["instruction"]
         batch["task"] = [instruction] if isinstance(instruction, str) else list(instruction)
@@ -337,6 +344,14 @@ class VLAPolicy(PretrainedPolicy):
                 v = velocity(run(), x, t, c.prediction)
             x = x + dt * v
         actions = self.action_norm.unnormalize(x)
+        if not self._warned_unfitted and not (self.state_norm.fitted and self.action_norm.fitted):
+            self._warned_unfitted = True
+            warnings.warn(
+                "this policy's state/action normalisation statistics were never set: its actions are on the "
+                "wrong scale. Call set_normalization(dataset.stats()) before training, or load a trained checkpoint.",
+                UserWarning,
+                stacklevel=3,  # the caller of predict_action_chunk (no_grad's wrapper is one frame)
+            )
         if not torch.isfinite(actions).all():
             raise RuntimeError("the policy produced non-finite actions; check the checkpoint's statistics")
         return actions

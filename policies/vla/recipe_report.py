@@ -4,7 +4,6 @@ perception probe, the learning curve, stage times (``results.md``, ``results.jso
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -16,6 +15,7 @@ import numpy as np
 
 from policies.io import atomic_directory, read_json, write_json, write_text
 from policies.plotting import pyplot, save_figure
+from policies.pretrained import sha256, write_manifest
 from policies.stats import wilson_interval
 
 if TYPE_CHECKING:
@@ -192,15 +192,7 @@ def plot_report(report: dict[str, Any], directory: Path) -> None:
         save_figure(fig, directory / "learning_curve.png")
 
 
-SHIPPED_FILES = ("config.json", "model.safetensors", "README.md", "results.json")
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+SHIPPED_FILES = ("config.json", "model.safetensors", "manifest.json", "README.md", "results.json")
 
 
 def _commit() -> str:
@@ -233,6 +225,7 @@ def ship(cfg: RecipeConfig, report: dict[str, Any], destination: str | Path, com
     with atomic_directory(destination) as tmp:
         for name in ("config.json", "model.safetensors"):
             shutil.copyfile(source / name, tmp / name)
+        write_manifest(tmp, ["config.json", "model.safetensors"])
         (tmp / "README.md").write_text(card)
         (tmp / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     return destination

@@ -1,0 +1,82 @@
+"""Every command-line tool answers bad input with one ``error:`` line and exit status 2,
+never a traceback (``--debug`` shows one), and refuses before doing any work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import run_script
+
+CUDA = torch.cuda.is_available()
+
+PROBES = {
+    "merge.py": [
+        ["--checkpoints", "no/such/dir", "--method", "fisher", "--output", "out"],
+        ["--checkpoints", "a", "b", "--tasks", "one", "--method", "average", "--output", "out"],
+        ["--checkpoints", "a", "--method", "blend", "--output", "out"],
+    ],
+    "train_vla.py": [
+        ["--preset", "huge"],
+        ["--set", "depth=deep"],
+        ["--steps", "many"],
+    ],
+    "control.py": [
+        ["--checkpoint", "no/such/dir"],
+        ["--checkpoint", "checkpoints/vla-tabletop-base", "--rate", "0"],
+        ["--checkpoint", "checkpoints/vla-tabletop-base", "--mode", "turbo"],
+    ],
+    "collect.py": [
+        ["--suite", "no-such-suite", "--episodes-per-task", "1"],
+        ["--episodes-per-task", "0"],
+        ["--noise", "-1"],
+    ],
+    "train_dt.py": [
+        ["--dataset", "foo", "--output-dir", "out"],
+        ["--dataset", "pick-red=no/such/dataset-v0", "--output-dir", "out"],
+        ["--dataset", "pick-red=x", "--dataset", "pick-red=y", "--output-dir", "out"],
+    ],
+    "demo.py": [
+        ["--preset", "huge"],
+        ["--variants", "dense-paper"],
+        ["--pretrained", "no/such/dir"],
+    ],
+    "evaluate_vla.py": [
+        ["--checkpoint", "no/such/dir"],
+        ["--checkpoint", "checkpoints/vla-tabletop-base", "--episodes", "1", "--suite", "no-such-suite"],
+        ["--checkpoint", "checkpoints/vla-tabletop-base", "--splits", "test"],
+    ],
+}
+if not CUDA:
+    PROBES["train_vla.py"].append(["--device", "cuda"])
+    PROBES["evaluate_vla.py"].append(["--checkpoint", "checkpoints/vla-tabletop-base", "--device", "cuda"])
+
+CASES = [(script, args) for script, probes in PROBES.items() for args in probes]
+
+
+@pytest.mark.parametrize(("script", "args"), CASES, ids=[f"{s}:{' '.join(a)}" for s, a in CASES])
+def test_bad_input_is_one_error_line_and_exit_status_2(script, args, tmp_path):
+    args = [str(tmp_path / "out") if a == "out" else a for a in args]  # nothing lands in the repository
+    proc = run_script(script, *args, check=False)
+    lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_cuda_on_a_cpu_only_build_says_so():
+    if CUDA:
+        pytest.skip("this machine has CUDA")
+    proc = run_script("train_vla.py", "--device", "cuda", check=False)
+    assert proc.returncode == 2 and "CUDA is not available here" in proc.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    args = ["--checkpoints", "no/such/dir", "--method", "fisher", "--output", tmp_path / "o", "--debug"]
+    proc = run_script("merge.py", *args, check=False)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_a_missing_dt_dataset_names_the_task_equals_id_form(tmp_path):
+    proc = run_script("train_dt.py", "--dataset", "foo", "--output-dir", tmp_path / "out", check=False)
+    assert proc.returncode == 2 and "TASK=MINARI_ID_OR_PATH" in proc.stderr
