@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -26,6 +27,26 @@ from minari.dataset.minari_storage import MinariStorage
 
 DEFAULT_ROOT = Path("outputs") / "datasets"
 TMP_PREFIX = ".tmp-"
+
+
+def _owner() -> str:
+    """This host and process, in every temporary's name (``.tmp-<name>-<host>-<pid>-<random>``)."""
+    return f"{socket.gethostname().replace('-', '_')}-{os.getpid()}"
+
+
+def _abandoned(path: Path) -> bool:
+    """A temporary written by a process of this host that no longer runs; a name without
+    an owner is never judged (it may be another tool's)."""
+    parts = path.name.split("-")
+    if len(parts) < 4 or not parts[-2].isdigit() or parts[-3] != _owner().rsplit("-", 1)[0]:
+        return False
+    try:
+        os.kill(int(parts[-2]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def dataset_root(root: str | os.PathLike | None = None) -> Path:
@@ -70,7 +91,7 @@ def write_dataset(
     if final.exists() and not overwrite:
         raise FileExistsError(f"dataset {dataset_id!r} already exists at {final}; pass overwrite=True to replace it")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f"{TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp = final.parent / f"{TMP_PREFIX}{final.name}-{_owner()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir()
         storage = MinariStorage.new(
@@ -104,7 +125,7 @@ def _move_into_place(tmp: Path, final: Path) -> None:
     """Rename the complete ``tmp`` to ``final``; a ``final`` already there is set aside
     first and removed after. (``policies.io.atomic_directory`` does the same for
     checkpoints; ``envs`` does not import ``policies``.)"""
-    old = final.parent / f"{TMP_PREFIX}{final.name}-old-{uuid.uuid4().hex[:8]}" if final.exists() else None
+    old = final.parent / f"{TMP_PREFIX}{final.name}-old-{_owner()}-{uuid.uuid4().hex[:8]}" if final.exists() else None
     if old is not None:
         final.rename(old)
     tmp.rename(final)
@@ -135,9 +156,10 @@ def _gzip_images(level: int = 4):
 
 
 def remove_stale_tmp(root: str | os.PathLike | None = None) -> int:
-    """Delete half-written datasets left by interrupted runs; returns how many."""
+    """Delete half-written datasets left by interrupted runs of this host (their process is
+    gone); another run's write in progress is never touched. Returns how many."""
     base = dataset_root(root)
-    stale = [p for p in base.rglob(f"{TMP_PREFIX}*") if p.is_dir()] if base.exists() else []
+    stale = [p for p in base.rglob(f"{TMP_PREFIX}*") if p.is_dir() and _abandoned(p)] if base.exists() else []
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
     return len(stale)

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import adamoe
-from policies.io import atomic_directory
+from policies.io import atomic_directory, write_text
 from policies.plotting import pyplot, save_figure
 from policies.pretrained import load_state_dict_checked, save_tensors
 
@@ -42,6 +43,9 @@ CHECKPOINT_DIR = Path("checkpoints") / "last"
 
 @dataclass
 class TrainConfig:
+    """What a run trains with. Resuming compares the settings that shape the run (all
+    but :data:`RESUME_FREE`) with the checkpoint's and says what changed."""
+
     steps: int = 3000
     batch_size: int = 64  # global: split evenly over data-parallel processes
     lr: float = 3e-4
@@ -61,13 +65,34 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> None:
+        for name in ("steps", "batch_size", "log_every", "save_every", "warmup_steps", "image_shift", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
         for name in ("steps", "batch_size", "log_every", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("lr", "weight_decay", "min_lr_ratio", "grad_clip", "router_lr_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay!r}")
+
+
+# Settings that may change between a run and its resumption without changing what it learns.
+RESUME_FREE = ("log_every", "save_every", "max_minutes", "device", "progress")
+
+
+def resume_changes(saved: dict[str, Any], config: TrainConfig) -> list[str]:
+    """``"lr 0.001 -> 0.002"`` for every setting that shapes the run and differs from the
+    checkpoint's (``saved``: its ``train_config``)."""
+    now = json.loads(json.dumps(asdict(config)))  # tuples as lists, as the checkpoint stores them
+    return [
+        f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items() if k not in RESUME_FREE and k in saved and saved[k] != v
+    ]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -264,7 +289,16 @@ def train(
     averaged = _ema_model(policy, config.ema_decay) if config.ema_decay else None
     ema = list(averaged.module.parameters()) if averaged is not None else None
     start = 0
-    if resume and (checkpoint / "training_state" / "state.json").is_file():
+    state_json = checkpoint / "training_state" / "state.json"
+    if resume and state_json.is_file():
+        changed = resume_changes(json.loads(state_json.read_text()).get("train_config", {}), config)
+        if changed and rank == 0:
+            warnings.warn(
+                f"resuming {checkpoint} with settings that differ from its run: {'; '.join(changed)} "
+                "(pass resume=False, or --no-resume, to start over)",
+                UserWarning,
+                stacklevel=2,
+            )
         start, rng = load_checkpoint(checkpoint, policy, optimizer, ema)
         for group in optimizer.param_groups:  # checkpoints written before the scheduler kept it
             group.setdefault("initial_lr", config.lr * group["lr_scale"])
@@ -286,6 +320,10 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         if start == 0:
             metrics_path.unlink(missing_ok=True)  # a fresh run, not a continuation
+        elif metrics_path.is_file():  # drop what was logged after the checkpoint: those steps rerun
+            kept = [line for line in metrics_path.read_text().splitlines() if line.strip()]
+            kept = [line for line in kept if json.loads(line).get("step", 0) <= start]
+            write_text(metrics_path, "".join(line + "\n" for line in kept))
     local_batch = config.batch_size // world
     began, last_log, samples = time.perf_counter(), time.perf_counter(), 0
     loss_value, step = float("nan"), start

@@ -119,13 +119,24 @@ def test_interrupted_write_leaves_no_loadable_dataset(tmp_path, monkeypatch):
         minari.load_dataset("tabletop/reach-blue/broken-v0")
 
 
-def test_stale_temporary_directories_are_invisible_and_cleaned(tmp_path):
-    stale = tmp_path / "tabletop" / "pick-red" / ".tmp-demos-v0-deadbeef" / "data"
-    stale.mkdir(parents=True)
-    (stale / "metadata.json").write_text("{}")
+def test_stale_temporary_directories_are_invisible_and_only_abandoned_ones_are_cleaned(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    host, folder = socket.gethostname().replace("-", "_"), tmp_path / "tabletop" / "pick-red"
+    stale = folder / f".tmp-demos-v0-{host}-{child.pid}-deadbeef" / "data"
+    in_progress = folder / f".tmp-demos-v0-{host}-{os.getpid()}-cafebabe" / "data"  # a live writer's
+    elsewhere = folder / f".tmp-demos-v0-otherhost-{child.pid}-feedface" / "data"
+    for path in (stale, in_progress, elsewhere):
+        path.mkdir(parents=True)
+        (path / "metadata.json").write_text("{}")
     assert datasets.list_datasets(tmp_path) == []
     assert datasets.remove_stale_tmp(tmp_path) == 1
-    assert not stale.exists()
+    assert not stale.exists() and in_progress.exists() and elsewhere.exists()
 
 
 def test_loading_a_missing_dataset_names_it_and_lists_local_ones(collected):

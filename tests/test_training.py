@@ -148,7 +148,7 @@ def test_resuming_continues_exactly_where_training_stopped(dataset, tmp_path):
     whole = tiny_policy(dataset)
     train(whole, dataset, fast_config(steps=4, ema_decay=0.9), tmp_path / "whole")
     part = tiny_policy(dataset)
-    train(part, dataset, fast_config(steps=2, ema_decay=0.9), tmp_path / "part")
+    train(part, dataset, fast_config(steps=4, ema_decay=0.9), tmp_path / "part", stop_at=2)
     resumed = tiny_policy(dataset)  # a fresh process would start from scratch weights
     with torch.no_grad():
         for p in resumed.parameters():
@@ -158,6 +158,22 @@ def test_resuming_continues_exactly_where_training_stopped(dataset, tmp_path):
         torch.testing.assert_close(a, b, msg=f"{name} differs after resuming")
     lines = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4]
+
+
+def test_resuming_with_changed_settings_says_what_changed(dataset, tmp_path):
+    train(tiny_policy(dataset), dataset, fast_config(steps=4, lr=1e-3), tmp_path, stop_at=2)
+    with pytest.warns(UserWarning, match=r"steps 4 -> 6; lr 0\.001 -> 0\.002"):
+        train(tiny_policy(dataset), dataset, fast_config(steps=6, lr=2e-3, log_every=2), tmp_path)
+
+
+def test_metrics_after_a_resume_continue_from_the_resumed_step(dataset, tmp_path):
+    train(tiny_policy(dataset), dataset, fast_config(steps=4), tmp_path, stop_at=2)
+    with (tmp_path / "metrics.jsonl").open("a") as f:  # logged after the checkpoint, then killed
+        f.write(json.dumps({"step": 3, "loss": 9.0}) + "\n")
+    train(tiny_policy(dataset), dataset, fast_config(steps=4), tmp_path)
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert records[2]["loss"] != 9.0  # step 3 is the rerun's
 
 
 def test_upcycled_policy_trains_and_reloads_as_upcycled(dataset, tmp_path):
