@@ -11,6 +11,7 @@ processes writing beside each other never touch each other's temporaries.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import os
 import shutil
@@ -152,6 +153,28 @@ def read_json(path: str | os.PathLike) -> Any:
     """The JSON at ``path``, or None when there is no such file."""
     path = Path(path)
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def fingerprint(settings: dict[str, Any]) -> str:
+    """A short hash of ``settings`` (JSON, keys sorted): what a stage's output was made with."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage_matches(directory: str | os.PathLike, settings: dict[str, Any], what: str) -> bool:
+    """Whether ``directory/stage.json`` records ``settings`` (see :func:`record_stage`); says
+    so when an earlier output there was made with other settings."""
+    record = read_json(Path(directory) / "stage.json")
+    if record is None:
+        return False
+    if record.get("fingerprint") != fingerprint(settings):
+        log(f"{what}: settings changed since {directory} was made; running it again")
+        return False
+    return True
+
+
+def record_stage(directory: str | os.PathLike, settings: dict[str, Any]) -> None:
+    """Write ``directory/stage.json``: the settings an output was made with, and their hash."""
+    write_json(Path(directory) / "stage.json", {"fingerprint": fingerprint(settings), "settings": settings})
 
 
 def log(message: str) -> None:

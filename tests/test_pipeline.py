@@ -83,6 +83,25 @@ def test_a_second_run_of_the_demo_command_reuses_every_finished_stage(quick_run)
     assert "| adamoe | paper |" in proc.stdout and "reusing it" in proc.stdout
 
 
+def test_a_rerun_with_other_settings_retrains_and_reevaluates_and_says_why(quick_run, tmp_path, capsys):
+    import shutil
+
+    out, argv, _ = quick_run
+    copy = tmp_path / "demo"
+    shutil.copytree(out, copy)
+    argv = [*argv[: argv.index("--output-dir")], "--output-dir", str(copy), *argv[argv.index("--output-dir") + 2 :]]
+    weights = copy / "checkpoints" / "adamoe" / "model.safetensors"
+    evaluation = copy / "eval" / "adamoe" / "eval_info.json"
+    before = (weights.read_bytes(), evaluation.stat().st_mtime_ns)
+    steps = pipeline.parse_args(argv).finetune_steps
+    pipeline.run(pipeline.parse_args([*argv, "--finetune-steps", str(steps + 2), "--variants", "adamoe"]))
+    said = capsys.readouterr().out
+    assert "finetune adamoe: settings changed since" in said and "evaluate adamoe (train): settings changed" in said
+    assert weights.read_bytes() != before[0] and evaluation.stat().st_mtime_ns != before[1]
+    record = json.loads((copy / "runs" / "adamoe" / "stage.json").read_text())
+    assert record["settings"]["train"]["steps"] == steps + 2
+
+
 def test_families_fine_tunes_each_family_and_writes_its_table_into_its_doc(quick_run, tmp_path):
     doc = tmp_path / "families.md"
     doc.write_text("intro\n<!-- families:start -->\nold table\n<!-- families:end -->\noutro\n")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -38,8 +39,8 @@ from envs.registration import resolve_env_ids
 from policies.constants import SCENE_FEATURES, SCENE_POSITIONS
 from policies.data import ChunkDataset
 from policies.evaluation import EvalConfig, evaluate
-from policies.io import log, read_json, write_json, write_text
-from policies.pretrained import from_pretrained
+from policies.io import log, read_json, record_stage, stage_matches, write_json, write_text
+from policies.pretrained import WEIGHTS_NAME, from_pretrained, sha256
 from policies.training import TrainConfig, train
 from policies.vla import recipe
 from policies.vla.configuration_vla import parse_overrides, vla_config
@@ -225,13 +226,23 @@ def expert_success(cfg: PipelineConfig, env_ids: list[str]) -> dict[str, float]:
 
 
 def train_stage(
-    cfg: PipelineConfig, name: str, policy: VLAPolicy, data: ChunkDataset, train_config: TrainConfig
+    cfg: PipelineConfig,
+    name: str,
+    policy: VLAPolicy,
+    data: ChunkDataset,
+    train_config: TrainConfig,
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train (resuming from runs/<name>/ when interrupted) and save checkpoints/<name>/."""
+    """Train (resuming from runs/<name>/ when interrupted) and save checkpoints/<name>/;
+    ``settings`` (what the result depends on) are recorded in runs/<name>/stage.json."""
     out = Path(cfg.output_dir)
-    summary = train(policy, data, train_config, out / "runs" / name, resume=True)
-    policy.save_pretrained(out / "checkpoints" / name)
-    write_json(out / "runs" / name / "summary.json", summary)
+    run_dir = out / "runs" / name
+    if settings is not None:  # recorded before training: a resumed run is checked against it
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record_stage(run_dir, settings)
+    summary = train(policy, data, train_config, run_dir, resume=True)
+    policy.save_pretrained(out / "checkpoints" / name, overwrite=True)
+    write_json(run_dir / "summary.json", summary)
     return summary
 
 
@@ -255,12 +266,39 @@ def upcycled(cfg: PipelineConfig, pretrained: Path, variant: str) -> VLAPolicy:
     return upcycle_as(from_pretrained(pretrained), variant, cfg.init, cfg.num_experts, cfg.top_k, generator)
 
 
+def _weights_id(checkpoint: Path) -> str:
+    """Which weights a checkpoint holds: the SHA-256 its manifest records (or its own)."""
+    manifest = read_json(Path(checkpoint) / "manifest.json")
+    if manifest and WEIGHTS_NAME in manifest.get("files", {}):
+        return manifest["files"][WEIGHTS_NAME]["sha256"]
+    weights = Path(checkpoint) / WEIGHTS_NAME
+    return sha256(weights) if weights.is_file() else "missing"
+
+
+def finetune_settings(cfg: PipelineConfig, pretrained: Path, variant: str) -> dict[str, Any]:
+    """Everything a fine-tuned variant depends on: a change reruns it."""
+    return {
+        "base": _weights_id(pretrained),
+        "variant": variant,
+        "init": cfg.init,
+        "num_experts": cfg.num_experts,
+        "top_k": cfg.top_k,
+        "data": {"root": str(cfg.root), "episodes_per_task": cfg.episodes_per_task, "noise": list(cfg.noise)},
+        "train": {"steps": cfg.finetune_steps, "batch_size": cfg.batch_size, "lr": cfg.finetune_lr, "seed": cfg.seed},
+    }
+
+
 def finetune(cfg: PipelineConfig, data: ChunkDataset, pretrained: Path) -> None:
     for variant in cfg.variants:
         out = Path(cfg.output_dir) / "checkpoints" / variant
-        if (out / "config.json").is_file():
+        run_dir = Path(cfg.output_dir) / "runs" / variant
+        settings = finetune_settings(cfg, pretrained, variant)
+        same = stage_matches(run_dir, settings, f"finetune {variant}")
+        if same and (out / "config.json").is_file():
             log(f"finetune {variant}: {out} exists, reusing it")
             continue
+        if not same and (run_dir / "checkpoints").is_dir():
+            shutil.rmtree(run_dir / "checkpoints")  # another run's training state: never resumed into this one
         policy = upcycled(cfg, pretrained, variant)
         log(
             f"finetune {variant}: {policy.num_parameters():,} parameters "
@@ -275,7 +313,7 @@ def finetune(cfg: PipelineConfig, data: ChunkDataset, pretrained: Path) -> None:
             seed=cfg.seed + 1,  # the same batches and noise for every variant
             progress=cfg.progress,
         )
-        summary = train_stage(cfg, variant, policy, data, train_config)
+        summary = train_stage(cfg, variant, policy, data, train_config, settings)
         log(f"finetune {variant}: {summary['wall_s'] / 60:.1f} min, final loss {summary['final_loss']:.4f}")
 
 
@@ -297,7 +335,14 @@ def evaluate_all(cfg: PipelineConfig, env_ids: list[str]) -> None:
         # The pretrained policy is the starting point, shown on the training phrasings only.
         for split in splits[:1] if name == "pretrained" else splits:
             out = eval_path(cfg, name, split)
-            if (out / "eval_info.json").is_file():
+            settings = {
+                "weights": _weights_id(checkpoint),
+                "tasks": list(env_ids),
+                "episodes_per_task": cfg.eval_episodes,
+                "split": split,
+                "seed": cfg.seed,
+            }
+            if (out / "eval_info.json").is_file() and stage_matches(out, settings, f"evaluate {name} ({split})"):
                 log(f"evaluate {name} ({split} phrasings): {out / 'eval_info.json'} exists")
                 continue
             policy = policy or from_pretrained(checkpoint)
@@ -308,6 +353,7 @@ def evaluate_all(cfg: PipelineConfig, env_ids: list[str]) -> None:
                 videos_per_task=cfg.videos if split == "train" else 0,
             )
             result = evaluate(policy, env_ids, config, out, progress=cfg.progress)
+            record_stage(out, settings)
             rate = 100 * result["aggregated"]["success_rate"]
             log(f"evaluate {name} ({split} phrasings): {rate:.1f}% in {result['wall_s']:.0f} s")
 

@@ -24,7 +24,6 @@ each add points on top.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -42,7 +41,7 @@ from envs.registration import resolve_env_ids
 from policies.constants import SCENE_FEATURES, SCENE_POSITIONS
 from policies.data import BALANCES, ChunkDataset
 from policies.evaluation import EvalConfig, evaluate
-from policies.io import log, read_json, write_json
+from policies.io import fingerprint, log, read_json, write_json
 from policies.pretrained import from_pretrained
 from policies.training import TrainConfig, resolve_device, train
 from policies.vla.configuration_vla import vla_config
@@ -152,16 +151,12 @@ def _stage_settings(cfg: RecipeConfig, stage: str) -> dict[str, Any]:
     return data | {"eval_episodes": cfg.eval_episodes}
 
 
-def _fingerprint(settings: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def stage_complete(cfg: RecipeConfig, stage: str) -> bool:
     """The stage finished, with today's settings."""
     record = read_json(Path(cfg.output_dir) / stage / "stage.json")
     if record is None:
         return False
-    if record.get("fingerprint") != _fingerprint(_stage_settings(cfg, stage)):
+    if record.get("fingerprint") != fingerprint(_stage_settings(cfg, stage)):
         log(f"{stage}: settings changed since {Path(cfg.output_dir) / stage} was made; running it again")
         return False
     return bool(record.get("complete", True))  # records before the in-progress marker were final ones
@@ -169,7 +164,7 @@ def stage_complete(cfg: RecipeConfig, stage: str) -> bool:
 
 def mark_complete(cfg: RecipeConfig, stage: str, extra: dict[str, Any] | None = None) -> None:
     settings = _stage_settings(cfg, stage)
-    record = {"fingerprint": _fingerprint(settings), "complete": True, "settings": settings, **(extra or {})}
+    record = {"fingerprint": fingerprint(settings), "complete": True, "settings": settings, **(extra or {})}
     write_json(Path(cfg.output_dir) / stage / "stage.json", record)
 
 
@@ -187,9 +182,9 @@ def start_stage(cfg: RecipeConfig, stage: str) -> Path:
     output with other settings, finished or not, is removed first (only what this stage
     writes); an unfinished run with the same settings is kept, to resume."""
     path = Path(cfg.output_dir) / stage
-    fingerprint = _fingerprint(_stage_settings(cfg, stage))
+    made_with = fingerprint(_stage_settings(cfg, stage))
     record = read_json(path / "stage.json")
-    if record is None or record.get("fingerprint") != fingerprint:
+    if record is None or record.get("fingerprint") != made_with:
         for name in STAGE_OUTPUTS[stage]:
             target = path / name
             if target.is_dir():
@@ -197,7 +192,7 @@ def start_stage(cfg: RecipeConfig, stage: str) -> Path:
             elif target.exists():
                 target.unlink()
     path.mkdir(parents=True, exist_ok=True)
-    write_json(path / "stage.json", {"fingerprint": fingerprint, "complete": False})
+    write_json(path / "stage.json", {"fingerprint": made_with, "complete": False})
     return path
 
 
