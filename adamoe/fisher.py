@@ -198,6 +198,8 @@ def save_fisher(
     meta = {"format": "adamoe-fisher", "metadata": json.dumps(dict(metadata or {}))}
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in fisher.items()}, str(tmp), metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # on disk before the rename makes it the file
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -111,3 +111,17 @@ def test_a_weights_file_given_as_a_fisher_file_is_refused(tmp_path):
     out = policy.save_pretrained(tmp_path / "ckpt")
     with pytest.raises(ValueError, match="is not a Fisher file written by save_fisher"):
         adamoe.load_fisher(out / "model.safetensors")
+
+
+def test_a_decision_transformer_without_state_statistics_warns_once_per_task():
+    from policies.dt.configuration_dt import DecisionTransformerConfig, DTTask
+    from policies.dt.modeling_dt import DecisionTransformer
+
+    model = DecisionTransformer(DecisionTransformerConfig(tasks=[DTTask("reach", 3, 2)]))
+    args = (torch.zeros(1, 2, 3), torch.zeros(1, 2, 2), torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.long))
+    with pytest.warns(UserWarning, match="task 'reach': state statistics were never set"):
+        model.get_action(*args)
+    model.set_state_stats("reach", np.ones(3), np.full(3, 2.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.get_action(*args)

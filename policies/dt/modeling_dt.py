@@ -18,6 +18,7 @@ state dict as it is (see :meth:`DecisionTransformer.load_hf_state_dict`).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -156,6 +157,7 @@ class DecisionTransformer(PretrainedPolicy):
 
     def __init__(self, config: DecisionTransformerConfig) -> None:
         super().__init__()
+        self._warned_unfitted: set[str] = set()  # tasks already warned about unset state statistics
         config.validate()
         self.config = config
         h = config.hidden_size
@@ -343,6 +345,15 @@ class DecisionTransformer(PretrainedPolicy):
         task = self._task(task)
         spec = self.config.task(task)
         k = self.config.context_length
+        io = self.tasks[task]
+        if task not in self._warned_unfitted and bool((io.state_mean == 0).all() and (io.state_std == 1).all()):
+            self._warned_unfitted.add(task)
+            warnings.warn(
+                f"task {task!r}: state statistics were never set (mean 0, std 1): the policy reads states on the "
+                "wrong scale. Call set_state_stats(task, mean, std) before training, or load a trained checkpoint.",
+                UserWarning,
+                stacklevel=3,
+            )
         if returns_to_go.dim() == 2:
             returns_to_go = returns_to_go.unsqueeze(-1)
         states = self.normalize_states(task, states[:, -k:].float())
