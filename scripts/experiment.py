@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     base = replace(base, variants=variants, **{k: v for k, v in given.items() if v is not None})
     if args.pretrain_per_seed:
         base.pretrain = True
+    base.validate()  # bad settings fail here, before anything is collected or trained
     began = time.perf_counter()
     runs = {}
     data = None  # the seeds share one collection: read it once

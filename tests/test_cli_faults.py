@@ -46,6 +46,12 @@ PROBES = {
         ["--checkpoint", "checkpoints/vla-tabletop-base", "--episodes", "1", "--suite", "no-such-suite"],
         ["--checkpoint", "checkpoints/vla-tabletop-base", "--splits", "test"],
     ],
+    "experiment.py": [
+        ["--variants", "bogus", "--output-dir", "out"],
+    ],
+    "dt_merge.py": [
+        ["--seeds", "-1", "--output-dir", "out"],
+    ],
 }
 if not CUDA:
     PROBES["train_vla.py"].append(["--device", "cuda"])

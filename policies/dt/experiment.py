@@ -18,6 +18,7 @@ are already complete.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -105,6 +106,10 @@ class MergeExperimentConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.seeds:
             raise ValueError("seeds is empty; give at least one seed")
+        if any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in self.seeds):
+            raise ValueError(f"seeds must be integers >= 0, got {list(self.seeds)}")
+        if self.noise and any(not math.isfinite(n) or n < 0 for n in self.noise):
+            raise ValueError(f"noise levels must be finite and >= 0, got {list(self.noise)}")
 
 
 # Two tasks and tiny budgets: the plumbing in about a minute.
