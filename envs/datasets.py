@@ -160,9 +160,16 @@ def remove_stale_tmp(root: str | os.PathLike | None = None) -> int:
     gone); another run's write in progress is never touched. Returns how many."""
     base = dataset_root(root)
     stale = [p for p in base.rglob(f"{TMP_PREFIX}*") if p.is_dir() and _abandoned(p)] if base.exists() else []
+    removed = 0
     for path in stale:
+        name = path.name[len(TMP_PREFIX) :]
+        final = path.parent / name.rsplit("-old-", 1)[0] if "-old-" in name else None
+        if final is not None and not final.exists():  # killed between the two renames: put it back
+            path.rename(final)
+            continue
         shutil.rmtree(path, ignore_errors=True)
-    return len(stale)
+        removed += 1
+    return removed
 
 
 def load_dataset(name: str | os.PathLike, root: str | os.PathLike | None = None) -> minari.MinariDataset:

@@ -27,7 +27,7 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
     except KeyboardInterrupt:
         if debug:
             raise
-        print("interrupted: run the same command again to resume from what was saved", file=sys.stderr)
+        print("interrupted: what was saved is complete; long commands resume when run again", file=sys.stderr)
         return 130
     except USER_ERRORS as exc:
         if debug:

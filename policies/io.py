@@ -85,8 +85,12 @@ def remove_stale_temporaries(final: str | os.PathLike) -> list[Path]:
     removed = []
     for path in final.parent.glob(f"{prefix}*") if final.parent.is_dir() else ():
         parts = path.name[len(prefix) :].split("-")  # [old-]host-pid-random
-        parts = parts[1:] if parts[0] == "old" else parts
+        was_final = parts[0] == "old"
+        parts = parts[1:] if was_final else parts
         if len(parts) == 3 and parts[0] == host and parts[1].isdigit() and not _process_alive(int(parts[1])):
+            if was_final and not final.exists():  # killed between the two renames: put the old one back
+                path.rename(final)
+                continue
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
             removed.append(path)
     return removed

@@ -106,19 +106,19 @@ def verify_checkpoint(directory: str | os.PathLike, names: tuple[str, ...] = (CO
 
 
 def _check_destination(directory: Path, overwrite: bool) -> None:
-    """A save may replace a checkpoint of ours (with ``overwrite``), never anything else."""
+    """A save may replace a checkpoint (with ``overwrite``), never anything else."""
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(f"{directory} is a file; a checkpoint is saved as a directory: choose a folder path")
     contents = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
     if not contents:
         return
-    manifest = directory / MANIFEST_NAME
-    ours = {CONFIG_NAME, WEIGHTS_NAME, MANIFEST_NAME}
-    if manifest.is_file():
-        ours |= set(json.loads(manifest.read_text()).get("files", {}))
-    foreign = [n for n in contents if n not in ours]
-    if foreign or CONFIG_NAME not in contents:
-        shown = ", ".join(foreign[:3] or contents[:3]) + (", ..." if len(foreign or contents) > 3 else "")
+    config = directory / CONFIG_NAME
+    try:
+        ours = config.is_file() and json.loads(config.read_text()).get("type") in POLICIES
+    except (ValueError, AttributeError):
+        ours = False
+    if not ours:
+        shown = ", ".join(contents[:3]) + (", ..." if len(contents) > 3 else "")
         raise FileExistsError(
             f"{directory} is not empty and is not a policy checkpoint (it holds {shown}); saving would "
             "delete what is there: choose a new or empty folder"
@@ -144,8 +144,9 @@ class PretrainedPolicy(nn.Module):
     ) -> Path:
         """Write ``config.json``, ``model.safetensors``, ``extra_files`` and a
         ``manifest.json`` of their hashes into ``directory``, atomically. An existing
-        checkpoint there is replaced only with ``overwrite``; a file, or a folder holding
-        anything else, is refused (nothing is deleted that this save did not write)."""
+        checkpoint there (a ``config.json`` with a known ``type``, and the files beside it)
+        is replaced only with ``overwrite``; a file path, or a folder that is not a
+        checkpoint, is refused, so nothing is deleted that a save did not write."""
         directory = Path(directory)
         _check_destination(directory, overwrite)
         with atomic_directory(directory) as tmp:

@@ -95,6 +95,14 @@ def resume_changes(saved: dict[str, Any], config: TrainConfig) -> list[str]:
     ]
 
 
+def _step_of(line: str) -> float:
+    """A metrics line's step; a line cut short by a crash counts as past every step."""
+    try:
+        return float(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return math.inf
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -295,7 +303,7 @@ def train(
         if changed and rank == 0:
             warnings.warn(
                 f"resuming {checkpoint} with settings that differ from its run: {'; '.join(changed)} "
-                "(pass resume=False, or --no-resume, to start over)",
+                "(pass resume=False to start over)",
                 UserWarning,
                 stacklevel=2,
             )
@@ -321,8 +329,7 @@ def train(
         if start == 0:
             metrics_path.unlink(missing_ok=True)  # a fresh run, not a continuation
         elif metrics_path.is_file():  # drop what was logged after the checkpoint: those steps rerun
-            kept = [line for line in metrics_path.read_text().splitlines() if line.strip()]
-            kept = [line for line in kept if json.loads(line).get("step", 0) <= start]
+            kept = [line for line in metrics_path.read_text().splitlines() if _step_of(line) <= start]
             write_text(metrics_path, "".join(line + "\n" for line in kept))
     local_batch = config.batch_size // world
     began, last_log, samples = time.perf_counter(), time.perf_counter(), 0

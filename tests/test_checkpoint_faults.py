@@ -92,6 +92,7 @@ def test_only_temporaries_of_dead_processes_on_this_host_are_cleaned(tmp_path):
     running = tmp_path / f".tmp-ckpt-{host}-{alive}-0123abcf"
     elsewhere = tmp_path / f".tmp-ckpt-otherhost-{dead}-0123abd0"
     other_name = tmp_path / f".tmp-ckpt2-{host}-{dead}-0123abd1"
+    (tmp_path / "ckpt").mkdir()  # the swap completed: the set-aside old copy is garbage
     for path in (stale, stale_old, running, elsewhere, other_name):
         path.mkdir()
     removed = remove_stale_temporaries(tmp_path / "ckpt")
@@ -113,3 +114,12 @@ def test_an_interrupted_directory_write_leaves_a_stamped_temporary_that_the_next
     with atomic_directory(tmp_path / "ckpt") as tmp:
         (tmp / "whole").write_text("y")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_a_save_killed_between_its_two_renames_gets_the_old_checkpoint_back(tmp_path):
+    host = socket.gethostname().replace("-", "_")
+    old = tmp_path / f".tmp-ckpt-old-{host}-{_dead_pid()}-0123abcd"  # the previous checkpoint, set aside
+    old.mkdir()
+    (old / "config.json").write_text("{}")
+    assert remove_stale_temporaries(tmp_path / "ckpt") == []
+    assert (tmp_path / "ckpt" / "config.json").is_file() and not old.exists()

@@ -221,3 +221,42 @@ def test_ctrl_c_during_a_real_clock_run_is_a_safe_stop_not_a_traceback():
     timer.join()
     assert signal.getsignal(signal.SIGINT) is previous  # the handler is restored
     _assert_safe_stop(robot, result.summary, "stop_requested")
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_stop_that_reaches_max_ticks_while_holding_still_ends_in_zero_motion(mode):
+    clock = SimClock()
+    robot = FakeRobot(clock)
+    loop = ControlLoop(robot, FakePolicy(clock, PERIOD), _config(mode, max_ticks=100, stop_hold_ticks=5), clock)
+    result = loop.run(callback=lambda ticks: loop.request_stop() if ticks == 80 else None)
+    assert result.summary["stop_reason"] == "stop_requested"
+    np.testing.assert_array_equal(robot.commands[-1][list(MOTION)], 0.0)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_chunk_numpy_cannot_read_and_a_failing_robot_observe_are_safe_stops(mode):
+    import torch
+
+    clock = SimClock()
+    robot = FakeRobot(clock)
+    grad = torch.zeros(10, 4, requires_grad=True)
+    result = ControlLoop(robot, ScriptedPolicy(clock, {3: grad}), _config(mode), clock).run()
+    assert result.summary["stop_reason"] == "bad_chunk"
+    np.testing.assert_array_equal(robot.commands[-1][list(MOTION)], 0.0)
+
+    class Blind(FakeRobot):
+        def observe(self):
+            if len(self.commands) == 10:
+                raise OSError("camera unplugged")
+            return super().observe()
+
+    blind = Blind(clock)
+    result = ControlLoop(blind, FakePolicy(clock, PERIOD), _config(mode), clock).run()
+    assert result.summary["stop_reason"] == "loop_error" and "camera unplugged" in result.summary["error"]
+    np.testing.assert_array_equal(blind.commands[-1][list(MOTION)], 0.0)
+
+
+def test_motion_dims_outside_the_action_are_refused_up_front():
+    clock = SimClock()
+    with pytest.raises(ValueError, match=r"motion_dims=\(0, 7\)"):
+        ControlLoop(FakeRobot(clock), FakePolicy(clock, PERIOD), _config("sync", motion_dims=(0, 7)), clock)

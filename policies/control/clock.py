@@ -107,6 +107,7 @@ class ThreadExecutor:
             self._saved_threads = torch.get_num_threads()
             torch.set_num_threads(torch_threads)
         self._job: Job | None = None
+        self._thread: threading.Thread | None = None
         self._done = threading.Event()
         self._saved_interval = sys.getswitchinterval()
         if switch_interval is not None:
@@ -132,7 +133,8 @@ class ThreadExecutor:
             done.set()
 
         # A daemon thread: an inference that never returns cannot keep the process alive.
-        threading.Thread(target=run, name="inference", daemon=True).start()
+        self._thread = threading.Thread(target=run, name="inference", daemon=True)
+        self._thread.start()
         self._job, self._done = job, done
         return job
 
@@ -142,9 +144,11 @@ class ThreadExecutor:
         job, self._job = self._job, None
         return job
 
-    def close(self) -> None:
-        """Stop tracking the running inference, if any, without waiting for it (a hung
-        one is abandoned to its daemon thread), and restore the interpreter's settings."""
+    def close(self, wait_s: float = 0.1) -> None:
+        """Wait up to ``wait_s`` for a running inference to finish, then stop tracking it
+        (a hung one is abandoned to its daemon thread), and restore the interpreter's settings."""
+        if self._job is not None and self._thread is not None:
+            self._thread.join(timeout=wait_s)
         self._job = None
         sys.setswitchinterval(self._saved_interval)
         if self._saved_threads is not None:
@@ -184,7 +188,7 @@ class SimExecutor:
         job, self._job = self._job, None
         return job
 
-    def close(self) -> None:
+    def close(self, wait_s: float = 0.0) -> None:
         self._job = None
 
 

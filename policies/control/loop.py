@@ -79,6 +79,7 @@ class _Run:
     reason: str | None = None  # why the robot was stopped (see the module's docstring)
     stop_tick: int | None = None  # set by a fault: the safe stop starts here
     last_fresh: float = 0.0  # when the last good chunk arrived (the watchdog's reference)
+    stopped: bool = False  # the final zero-motion command was sent
     bad_in_row: int = 0  # non-finite chunks since the last good one
     nonfinite: int = 0  # non-finite chunks discarded in the run
     missed_total: int = 0
@@ -111,6 +112,8 @@ class ControlLoop:
         self.action_dim = int(np.prod(space.shape))
         n = self.action_dim
         self.motion = list(config.motion_dims) if config.motion_dims is not None else list(range(n))
+        if any(not 0 <= d < n for d in self.motion):
+            raise ValueError(f"motion_dims={config.motion_dims} must index the robot's {n} action dims")
         self._stop_requested = threading.Event()
 
     def request_stop(self) -> None:
@@ -137,11 +140,13 @@ class ControlLoop:
         if primed is not None:
             run.tel.chunk(submitted=primed[0] - run.t0, finished=primed[1] - run.t0, obs_tick=0, dropped=0)
         try:
-            while run.k < cfg.max_ticks and self._tick(run, callback):
+            while run.k < cfg.max_ticks and self._tick_safely(run, callback):
                 pass
+            if run.stop_tick is not None and not run.stopped:  # the run ended while still holding
+                self._send(run, self._zero_motion(run.last))
         finally:
             if executor is not None:
-                executor.close()
+                executor.close(wait_s=0.0 if run.reason == "watchdog" else 5 * cfg.period)
             if pause_gc:
                 gc.enable()
                 gc.collect()
@@ -173,6 +178,21 @@ class ControlLoop:
         run.plan.merge(chunk, 0, 0, 0)
         return job.submitted, job.finished
 
+    def _tick_safely(self, run: _Run, callback: Callable[[int], None] | None) -> bool:
+        """One tick; an exception from the robot, a callback or the loop itself stops the
+        robot safely (``loop_error``: one zero-motion command, and the run ends)."""
+        try:
+            return self._tick(run, callback)
+        except Exception as exc:
+            if run.stop_tick is None:
+                run.fail(exc, "loop_error")
+            try:
+                self.robot.act(self._zero_motion(run.last))
+                run.stopped = True
+            except Exception:
+                pass  # nothing more can be commanded; the summary reports the fault
+            return False
+
     def _tick(self, run: _Run, callback: Callable[[int], None] | None) -> bool:
         """Wait for tick ``run.k`` and execute it; False when the run ends."""
         cfg = self.config
@@ -187,7 +207,7 @@ class ControlLoop:
             return False
         self._watch(run, actual)
         if run.stop_tick is not None and run.k - run.stop_tick >= cfg.stop_hold_ticks:
-            self._send(run, self._zero_motion(run.last))  # held long enough: zero motion, and stop
+            run.stopped = self._send(run, self._zero_motion(run.last))  # held long enough: zero motion, stop
             self._record(run, scheduled, actual, np.nan, 0, False)
             return False
         starved, age, action = False, np.nan, run.last
@@ -254,7 +274,7 @@ class ControlLoop:
         non-finite chunk is discarded and counted (``max_bad_chunks`` in a row stop it)."""
         try:
             chunk = check_chunk(result, self.action_dim)
-        except ValueError as exc:
+        except Exception as exc:  # a wrong shape, or anything numpy cannot read as numbers
             run.fail(exc, "bad_chunk")
             return None
         if not np.isfinite(chunk).all():
@@ -294,6 +314,7 @@ class ControlLoop:
                 self.robot.act(self._zero_motion(run.last))
             except Exception:
                 pass  # nothing more can be commanded; the summary reports the fault
+            run.stopped = True  # no further command is sent either way
             return False
         run.last = np.asarray(action, dtype=np.float32)
         return True
@@ -313,12 +334,20 @@ class ControlLoop:
 @contextmanager
 def stop_on_interrupt(loop: ControlLoop) -> Iterator[None]:
     """While inside, Ctrl-C (SIGINT) asks ``loop`` to stop safely instead of raising
-    ``KeyboardInterrupt`` in the middle of a tick; the previous handler comes back after.
+    ``KeyboardInterrupt`` in the middle of a tick (a second Ctrl-C raises it, for a loop
+    that cannot stop, e.g. a hung sync inference); the previous handler comes back after.
     Only the main thread can install a signal handler; elsewhere this does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: loop.request_stop())
+
+    def handler(signum: int, frame: Any) -> None:
+        if loop._stop_requested.is_set():  # a second Ctrl-C: the stop did not come, break out
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        loop.request_stop()
+
+    previous = signal.signal(signal.SIGINT, handler)
     try:
         yield
     finally:

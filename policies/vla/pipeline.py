@@ -277,7 +277,9 @@ def _weights_id(checkpoint: Path) -> str:
 
 def finetune_settings(cfg: PipelineConfig, pretrained: Path, variant: str) -> dict[str, Any]:
     """Everything a fine-tuned variant depends on: a change reruns it."""
+    tasks = sorted(resolve_env_ids(cfg.suite))
     return {
+        "tasks": tasks,
         "base": _weights_id(pretrained),
         "variant": variant,
         "init": cfg.init,
@@ -297,8 +299,10 @@ def finetune(cfg: PipelineConfig, data: ChunkDataset, pretrained: Path) -> None:
         if same and (out / "config.json").is_file():
             log(f"finetune {variant}: {out} exists, reusing it")
             continue
-        if not same and (run_dir / "checkpoints").is_dir():
-            shutil.rmtree(run_dir / "checkpoints")  # another run's training state: never resumed into this one
+        if not same:  # another run's training state and checkpoint: never resumed or reused by this one
+            for stale in (run_dir / "checkpoints", out):
+                if stale.is_dir():
+                    shutil.rmtree(stale)
         policy = upcycled(cfg, pretrained, variant)
         log(
             f"finetune {variant}: {policy.num_parameters():,} parameters "
