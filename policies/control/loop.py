@@ -157,8 +157,12 @@ class ControlLoop:
         """Async: infer the first chunk before tick 0 is due (the robot is at rest), waiting
         at most ``first_chunk_s``."""
         clock, limit = self.clock, self.config.first_chunk_s
-        snapshot = _copy_obs(self.robot.observe())
-        job = run.executor.submit(lambda: self.chunk_fn(snapshot), payload=0)
+        try:
+            snapshot = _copy_obs(self.robot.observe())
+            job = run.executor.submit(lambda: self.chunk_fn(snapshot), payload=0)
+        except BaseException:
+            run.executor.close()  # give back the interpreter's settings before the error leaves
+            raise
         deadline = job.submitted + limit
         while run.executor.poll() is None:
             if clock.now() >= deadline:
