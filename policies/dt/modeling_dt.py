@@ -157,7 +157,7 @@ class DecisionTransformer(PretrainedPolicy):
 
     def __init__(self, config: DecisionTransformerConfig) -> None:
         super().__init__()
-        self._warned_unfitted: set[str] = set()  # tasks already warned about unset state statistics
+        self._stats_checked: set[str] = set()  # tasks whose state statistics were checked (once each)
         config.validate()
         self.config = config
         h = config.hidden_size
@@ -346,14 +346,15 @@ class DecisionTransformer(PretrainedPolicy):
         spec = self.config.task(task)
         k = self.config.context_length
         io = self.tasks[task]
-        if task not in self._warned_unfitted and bool((io.state_mean == 0).all() and (io.state_std == 1).all()):
-            self._warned_unfitted.add(task)
-            warnings.warn(
-                f"task {task!r}: state statistics were never set (mean 0, std 1): the policy reads states on the "
-                "wrong scale. Call set_state_stats(task, mean, std) before training, or load a trained checkpoint.",
-                UserWarning,
-                stacklevel=3,
-            )
+        if task not in self._stats_checked:
+            self._stats_checked.add(task)
+            if bool((io.state_mean == 0).all() and (io.state_std == 1).all()):
+                warnings.warn(
+                    f"task {task!r}: state statistics were never set (mean 0, std 1): the policy reads states on the "
+                    "wrong scale. Call set_state_stats(task, mean, std) before training, or load a trained checkpoint.",
+                    UserWarning,
+                    stacklevel=3,
+                )
         if returns_to_go.dim() == 2:
             returns_to_go = returns_to_go.unsqueeze(-1)
         states = self.normalize_states(task, states[:, -k:].float())

@@ -57,7 +57,7 @@ class VLAPolicy(PretrainedPolicy):
         super().__init__()
         self.config = config
         self.model = VLAModel(config)
-        self._warned_unfitted = False
+        self._stats_checked = False  # the first chunk checks the statistics were set (once: not a hot-path cost)
         self.state_norm = Normalizer(config.state_dim, config.normalization)
         self.action_norm = Normalizer(config.action_dim, config.normalization)
         if config.scene_aux_dim:
@@ -344,14 +344,16 @@ class VLAPolicy(PretrainedPolicy):
                 v = velocity(run(), x, t, c.prediction)
             x = x + dt * v
         actions = self.action_norm.unnormalize(x)
-        if not self._warned_unfitted and not (self.state_norm.fitted and self.action_norm.fitted):
-            self._warned_unfitted = True
-            warnings.warn(
-                "this policy's state/action normalisation statistics were never set: its actions are on the "
-                "wrong scale. Call set_normalization(dataset.stats()) before training, or load a trained checkpoint.",
-                UserWarning,
-                stacklevel=3,  # the caller of predict_action_chunk (no_grad's wrapper is one frame)
-            )
+        if not self._stats_checked:
+            self._stats_checked = True
+            if not (self.state_norm.fitted and self.action_norm.fitted):
+                warnings.warn(
+                    "this policy's state/action normalisation statistics were never set: its actions are on the "
+                    "wrong scale. Call set_normalization(dataset.stats()) before training, or load a trained "
+                    "checkpoint.",
+                    UserWarning,
+                    stacklevel=3,  # the caller of predict_action_chunk (no_grad's wrapper is one frame)
+                )
         if not torch.isfinite(actions).all():
             raise RuntimeError("the policy produced non-finite actions; check the checkpoint's statistics")
         return actions
