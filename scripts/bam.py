@@ -13,7 +13,8 @@ its attention becomes soft attention expert ``e``, everything else the specialis
 average. The mixture is then fine-tuned on every task. For a fair reading the dense
 policy is fine-tuned on every task for the same total steps (``dense_long``: the
 specialists' steps plus the mixture's). Stages and outputs as ``policies.vla.pipeline``
-(``<output-dir>/checkpoints``, ``eval``, ``results.md``), each skipped when done.
+(``<output-dir>/checkpoints``, ``eval``, ``results.md``); each stage records the settings
+it was made with (``runs/<stage>/stage.json``) and is reused only when they are the same.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from policies import from_pretrained  # noqa: E402
 from policies.data import ChunkDataset  # noqa: E402
 from policies.io import log  # noqa: E402
 from policies.training import TrainConfig  # noqa: E402
-from policies.vla import mix_specialists, pipeline  # noqa: E402
+from policies.vla import VLAPolicy, mix_specialists, pipeline  # noqa: E402
 from policies.vla.report import to_markdown  # noqa: E402
 
 DEFAULT_GROUPS = {
@@ -111,29 +112,53 @@ def run(args: argparse.Namespace) -> int:
     began = time.perf_counter()
     data = pipeline.load_data(cfg, env_ids)
     out = Path(cfg.output_dir) / "checkpoints"
+    base = pipeline.weights_id(pretrained)
+    data_settings = {"root": str(root), "chunk_size": data.chunk_size, "cameras": list(data.cameras)}
+
+    def settings(stage_tasks: list[str], steps: int, **extra) -> dict:
+        """What a BAM stage depends on (a change reruns it, and every stage after it)."""
+        train = {"steps": steps, "batch_size": cfg.batch_size, "lr": cfg.finetune_lr, "seed": cfg.seed}
+        return {"tasks": sorted(stage_tasks), "base": base, "data": data_settings, "train": train, **extra}
+
     total = args.specialist_steps * len(groups) + args.finetune_steps
-    if not (out / "dense_long" / "config.json").is_file():
-        log(f"dense_long: the dense policy fine-tuned {total} steps on every task")
-        pipeline.train_stage(cfg, "dense_long", from_pretrained(pretrained).train(), data, train_config(cfg, total))
+    log(f"dense_long: the dense policy fine-tuned {total} steps on every task")
+    pipeline.train_stage(
+        cfg,
+        "dense_long",
+        settings(tasks, total),
+        lambda: from_pretrained(pretrained),
+        data,
+        train_config(cfg, total),
+    )
     for (name, group), variant in zip(groups.items(), specialists, strict=True):
-        if not (out / variant / "config.json").is_file():
-            log(f"branch {name}: {args.specialist_steps} steps on {group}")
-            subset = group_data(cfg, group, data)
-            policy = from_pretrained(pretrained).train()
-            pipeline.train_stage(cfg, variant, policy, subset, train_config(cfg, args.specialist_steps))
-    if not (out / "bam_mixed" / "config.json").is_file():
-        experts = len(groups)
-        mixed = mix_specialists(
+        log(f"branch {name}: {args.specialist_steps} steps on {group}")
+        pipeline.train_stage(
+            cfg,
+            variant,
+            settings(group, args.specialist_steps),
+            lambda: from_pretrained(pretrained),
+            group_data(cfg, group, data),
+            train_config(cfg, args.specialist_steps),
+        )
+    experts = len(groups)
+
+    def mixed() -> VLAPolicy:
+        return mix_specialists(
             [from_pretrained(out / v) for v in specialists],
             attention_config=adamoe.MoAConfig(num_experts=experts, share_kv=args.share_kv),
             generator=torch.Generator().manual_seed(cfg.seed),
         )
-        total, active = mixed.num_parameters(), mixed.num_parameters(active=True)
-        log(
-            f"mix: {experts} specialists -> {total:,} parameters ({active:,} active), "
-            f"fine-tuned {args.finetune_steps} steps on every task"
-        )
-        pipeline.train_stage(cfg, "bam_mixed", mixed.train(), data, train_config(cfg, args.finetune_steps))
+
+    log(f"mix: {experts} specialists, fine-tuned {args.finetune_steps} steps on every task")
+    specialist_weights = {v: pipeline.weights_id(out / v) for v in specialists}
+    pipeline.train_stage(
+        cfg,
+        "bam_mixed",
+        settings(tasks, args.finetune_steps, specialists=specialist_weights, share_kv=args.share_kv),
+        mixed,
+        data,
+        train_config(cfg, args.finetune_steps),
+    )
     pipeline.evaluate_all(cfg, env_ids)
     results = pipeline.report(cfg, data, env_ids, began)
     print()

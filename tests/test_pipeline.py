@@ -96,10 +96,22 @@ def test_a_rerun_with_other_settings_retrains_and_reevaluates_and_says_why(quick
     steps = pipeline.parse_args(argv).finetune_steps
     pipeline.run(pipeline.parse_args([*argv, "--finetune-steps", str(steps + 2), "--variants", "adamoe"]))
     said = capsys.readouterr().out
-    assert "finetune adamoe: settings changed since" in said and "evaluate adamoe (train): settings changed" in said
+    assert "train adamoe: settings changed since" in said and "evaluate adamoe (train): settings changed" in said
     assert weights.read_bytes() != before[0] and evaluation.stat().st_mtime_ns != before[1]
     record = json.loads((copy / "runs" / "adamoe" / "stage.json").read_text())
     assert record["settings"]["train"]["steps"] == steps + 2
+
+
+def test_datasets_are_reused_only_when_collected_with_this_runs_noise_and_episode_count(quick_run):
+    from dataclasses import replace
+
+    done, _, _ = quick_run
+    cfg = replace(pipeline.PipelineConfig(), datasets_root=str(done / "pretrain" / "datasets"), noise=[0.0])
+    pipeline.collect(replace(cfg, episodes_per_task=2), TASKS)  # what the quick run collected: reused
+    with pytest.raises(ValueError, match=r"holds 2 episodes per noise level, this run asks for --episodes-per-task 5"):
+        pipeline.collect(replace(cfg, episodes_per_task=5), TASKS)
+    with pytest.raises(ValueError, match=r"holds noise levels \[0.0\], this run asks for \[0.0, 0.1\]"):
+        pipeline.collect(replace(cfg, episodes_per_task=2, noise=[0.0, 0.1]), TASKS)
 
 
 def test_families_fine_tunes_each_family_and_writes_its_table_into_its_doc(quick_run, tmp_path):
@@ -107,7 +119,8 @@ def test_families_fine_tunes_each_family_and_writes_its_table_into_its_doc(quick
     doc.write_text("intro\n<!-- families:start -->\nold table\n<!-- families:end -->\noutro\n")
     done, _, _ = quick_run
     out = tmp_path / "families"
-    argv = ["--quick", "--output-dir", str(out), "--suite", *TASKS, "--datasets-root", str(done / "datasets")]
+    argv = ["--quick", "--output-dir", str(out), "--suite", *TASKS]
+    argv += ["--datasets-root", str(done / "pretrain" / "datasets")]
     argv += ["--pretrained", str(done / "pretrain" / "policy" / "checkpoint"), "--variants", "topany", "bam_kv"]
     run_script("families.py", *argv, "--update-docs", "--doc", doc)
     text = doc.read_text()
@@ -136,7 +149,7 @@ def test_families_fine_tunes_each_family_and_writes_its_table_into_its_doc(quick
 def test_bam_mixes_specialists_and_compares_with_dense_at_equal_steps(quick_run, tmp_path):
     done, _, _ = quick_run
     out = tmp_path / "bam"
-    argv = ["--quick", "--output-dir", str(out), "--datasets-root", str(done / "datasets")]
+    argv = ["--quick", "--output-dir", str(out), "--datasets-root", str(done / "pretrain" / "datasets")]
     argv += ["--pretrained", str(done / "pretrain" / "policy" / "checkpoint"), "--share-kv"]
     argv += ["--groups", "reach=ReachRed", "pick=PickBlue", "--specialist-steps", "3", "--finetune-steps", "2"]
     run_script("bam.py", *argv)
@@ -146,6 +159,14 @@ def test_bam_mixes_specialists_and_compares_with_dense_at_equal_steps(quick_run,
     assert steps == {"dense_long": 2 * 3 + 2, "specialist_reach": 3, "specialist_pick": 3, "bam_mixed": 2}
     mixed = from_pretrained(out / "checkpoints" / "bam_mixed")
     assert mixed.config.moe["config"]["num_experts"] == 2 and mixed.config.attention_moe["config"]["share_kv"]
+    # A rerun with more mixture steps reuses the specialists and retrains what the change touches.
+    specialist = (out / "checkpoints" / "specialist_pick" / "model.safetensors").read_bytes()
+    said = run_script("bam.py", *argv[:-1], "3").stdout
+    assert "train specialist_pick: " in said and "reusing it" in said
+    assert "train bam_mixed: settings changed since" in said and "train dense_long: settings changed since" in said
+    steps = {v: json.loads((out / "runs" / v / "summary.json").read_text())["steps"] for v in rows}
+    assert steps == {"dense_long": 2 * 3 + 3, "specialist_reach": 3, "specialist_pick": 3, "bam_mixed": 3}
+    assert (out / "checkpoints" / "specialist_pick" / "model.safetensors").read_bytes() == specialist
     proc = run_script("bam.py", *argv[:7], "--groups", "reach=ReachPurple", "pick=PickBlue", check=False)
     assert proc.returncode != 0 and "unknown tabletop task 'ReachPurple'" in proc.stderr
 

@@ -23,6 +23,7 @@ import argparse
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -193,12 +194,21 @@ QUICK = {
 
 def collect(cfg: PipelineConfig, env_ids: list[str]) -> None:
     missing = [e for e in env_ids if not dataset_path(dataset_id_for(e), cfg.root).exists()]
-    for env_id in sorted(set(env_ids) - set(missing)):
-        levels = sorted({m["noise"] for m in episode_metadata(load_dataset(dataset_id_for(env_id), root=cfg.root))})
+    for env_id in sorted(set(env_ids) - set(missing)):  # reused only when made with this run's settings
+        path = dataset_path(dataset_id_for(env_id), cfg.root)
+        noise = [m["noise"] for m in episode_metadata(load_dataset(dataset_id_for(env_id), root=cfg.root))]
+        levels = sorted(set(noise))
         if levels != sorted(cfg.noise):
             raise ValueError(
-                f"{dataset_path(dataset_id_for(env_id), cfg.root)} holds noise levels {levels}, this run asks for "
-                f"{sorted(cfg.noise)}: choose another --output-dir, or delete that dataset to re-collect it"
+                f"{path} holds noise levels {levels}, this run asks for {sorted(cfg.noise)}: "
+                "choose another --output-dir, or delete that dataset to re-collect it"
+            )
+        counts = sorted({noise.count(level) for level in levels})
+        if counts != [cfg.episodes_per_task]:
+            raise ValueError(
+                f"{path} holds {'/'.join(map(str, counts))} episodes per noise level, this run asks for "
+                f"--episodes-per-task {cfg.episodes_per_task}: pass the dataset's count, choose another "
+                "--output-dir, or delete that dataset to re-collect it"
             )
     if not missing:
         log(f"collect: datasets complete under {cfg.root}, reusing them")
@@ -228,21 +238,38 @@ def expert_success(cfg: PipelineConfig, env_ids: list[str]) -> dict[str, float]:
 def train_stage(
     cfg: PipelineConfig,
     name: str,
-    policy: VLAPolicy,
+    settings: dict[str, Any],
+    build: Callable[[], VLAPolicy],
     data: ChunkDataset,
     train_config: TrainConfig,
-    settings: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Train (resuming from runs/<name>/ when interrupted) and save checkpoints/<name>/;
-    ``settings`` (what the result depends on) are recorded in runs/<name>/stage.json."""
+) -> dict[str, Any] | None:
+    """Train ``build()`` into checkpoints/<name>/ unless it is there, made with ``settings``
+    (everything the result depends on, recorded in runs/<name>/stage.json). Training resumes
+    from runs/<name>/ when an earlier run with the same settings was interrupted; an earlier
+    run's state and checkpoint made with other settings are removed, never resumed or reused.
+    Returns the training summary, or None when the checkpoint was reused."""
     out = Path(cfg.output_dir)
-    run_dir = out / "runs" / name
-    if settings is not None:  # recorded before training: a resumed run is checked against it
-        run_dir.mkdir(parents=True, exist_ok=True)
-        record_stage(run_dir, settings)
+    run_dir, checkpoint = out / "runs" / name, out / "checkpoints" / name
+    what = f"train {name}"
+    same = stage_matches(run_dir, settings, what)
+    if same and (checkpoint / "config.json").is_file():
+        log(f"{what}: {checkpoint} exists, reusing it")
+        return None
+    if not same:
+        for stale in (run_dir / "checkpoints", checkpoint):
+            if stale.is_dir():
+                shutil.rmtree(stale)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record_stage(run_dir, settings)  # before training: a resumed run is checked against it
+    policy = build().train()
+    log(
+        f"{what}: {policy.num_parameters():,} parameters ({policy.num_parameters(active=True):,} active), "
+        f"{train_config.steps} steps x {train_config.batch_size}"
+    )
     summary = train(policy, data, train_config, run_dir, resume=True)
-    policy.save_pretrained(out / "checkpoints" / name, overwrite=True)
+    policy.save_pretrained(checkpoint, overwrite=True)
     write_json(run_dir / "summary.json", summary)
+    log(f"{what}: {summary['wall_s'] / 60:.1f} min, final loss {summary['final_loss']:.4f}")
     return summary
 
 
@@ -266,7 +293,7 @@ def upcycled(cfg: PipelineConfig, pretrained: Path, variant: str) -> VLAPolicy:
     return upcycle_as(from_pretrained(pretrained), variant, cfg.init, cfg.num_experts, cfg.top_k, generator)
 
 
-def _weights_id(checkpoint: Path) -> str:
+def weights_id(checkpoint: Path) -> str:
     """Which weights a checkpoint holds: the SHA-256 its manifest records (or its own)."""
     manifest = read_json(Path(checkpoint) / "manifest.json")
     if manifest and WEIGHTS_NAME in manifest.get("files", {}):
@@ -280,7 +307,7 @@ def finetune_settings(cfg: PipelineConfig, pretrained: Path, variant: str) -> di
     tasks = sorted(resolve_env_ids(cfg.suite))
     return {
         "tasks": tasks,
-        "base": _weights_id(pretrained),
+        "base": weights_id(pretrained),
         "variant": variant,
         "init": cfg.init,
         "num_experts": cfg.num_experts,
@@ -292,23 +319,6 @@ def finetune_settings(cfg: PipelineConfig, pretrained: Path, variant: str) -> di
 
 def finetune(cfg: PipelineConfig, data: ChunkDataset, pretrained: Path) -> None:
     for variant in cfg.variants:
-        out = Path(cfg.output_dir) / "checkpoints" / variant
-        run_dir = Path(cfg.output_dir) / "runs" / variant
-        settings = finetune_settings(cfg, pretrained, variant)
-        same = stage_matches(run_dir, settings, f"finetune {variant}")
-        if same and (out / "config.json").is_file():
-            log(f"finetune {variant}: {out} exists, reusing it")
-            continue
-        if not same:  # another run's training state and checkpoint: never resumed or reused by this one
-            for stale in (run_dir / "checkpoints", out):
-                if stale.is_dir():
-                    shutil.rmtree(stale)
-        policy = upcycled(cfg, pretrained, variant)
-        log(
-            f"finetune {variant}: {policy.num_parameters():,} parameters "
-            f"({policy.num_parameters(active=True):,} active), "
-            f"{cfg.finetune_steps} steps x {cfg.batch_size}"
-        )
         train_config = TrainConfig(
             steps=cfg.finetune_steps,
             batch_size=cfg.batch_size,
@@ -317,8 +327,8 @@ def finetune(cfg: PipelineConfig, data: ChunkDataset, pretrained: Path) -> None:
             seed=cfg.seed + 1,  # the same batches and noise for every variant
             progress=cfg.progress,
         )
-        summary = train_stage(cfg, variant, policy, data, train_config, settings)
-        log(f"finetune {variant}: {summary['wall_s'] / 60:.1f} min, final loss {summary['final_loss']:.4f}")
+        settings = finetune_settings(cfg, pretrained, variant)
+        train_stage(cfg, variant, settings, lambda v=variant: upcycled(cfg, pretrained, v), data, train_config)
 
 
 def evaluated(cfg: PipelineConfig) -> list[tuple[str, Path]]:
@@ -340,7 +350,7 @@ def evaluate_all(cfg: PipelineConfig, env_ids: list[str]) -> None:
         for split in splits[:1] if name == "pretrained" else splits:
             out = eval_path(cfg, name, split)
             settings = {
-                "weights": _weights_id(checkpoint),
+                "weights": weights_id(checkpoint),
                 "tasks": list(env_ids),
                 "episodes_per_task": cfg.eval_episodes,
                 "split": split,
