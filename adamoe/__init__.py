@@ -11,7 +11,7 @@ from adamoe.compression import CompressedExperts, compress_experts
 from adamoe.config import MoEConfig
 from adamoe.dispatch import BACKENDS, Routing, dispatch, select_backend
 from adamoe.experts import FeedForward, GroupedExperts, ffn_weights
-from adamoe.fisher import fisher_diagonal, load_fisher, save_fisher
+from adamoe.fisher import fisher_diagonal, fisher_metadata, load_fisher, save_fisher
 from adamoe.merging import MergePlan, merge
 from adamoe.moe import MoEFeedForward
 from adamoe.moe_model import (
@@ -46,6 +46,7 @@ __all__ = [
     "dispatch",
     "ffn_weights",
     "fisher_diagonal",
+    "fisher_metadata",
     "load_fisher",
     "merge",
     "moe_aux_loss",

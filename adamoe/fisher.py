@@ -206,16 +206,26 @@ def save_fisher(
     return path
 
 
-def load_fisher(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a Fisher written by :func:`save_fisher` (safetensors: nothing is unpickled)."""
-    path = Path(path)
+def fisher_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata :func:`save_fisher` stored with a Fisher (task, samples...), tensors unread."""
+    return json.loads(_fisher_header(Path(path)).get("metadata") or "{}")
+
+
+def _fisher_header(path: Path) -> dict[str, str]:
     if not path.is_file():
         raise FileNotFoundError(f"no Fisher file at {path}")
     with safe_open(str(path), framework="pt") as f:
-        kind = (f.metadata() or {}).get("format")
-    if kind != "adamoe-fisher":
+        header = f.metadata() or {}
+    if header.get("format") != "adamoe-fisher":
         raise ValueError(
-            f"{path} is not a Fisher file written by save_fisher (its format is {kind!r}, not 'adamoe-fisher'); "
-            "a checkpoint's model.safetensors holds weights, not Fisher information"
+            f"{path} is not a Fisher file written by save_fisher (its format is {header.get('format')!r}, not "
+            "'adamoe-fisher'); a checkpoint's model.safetensors holds weights, not Fisher information"
         )
+    return header
+
+
+def load_fisher(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a Fisher written by :func:`save_fisher` (safetensors: nothing is unpickled)."""
+    path = Path(path)
+    _fisher_header(path)
     return load_file(str(path))

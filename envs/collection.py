@@ -8,6 +8,8 @@ are dropped and replaced by fresh ones.
 
 from __future__ import annotations
 
+import os
+import signal
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,8 @@ from envs.ids import is_metaworld, is_tabletop, task_name
 from envs.registration import SUITES, make_expert, resolve_env_ids
 from envs.tasks import get_task
 
+# Keys of a collected dataset's Minari metadata: the job settings it was made with, and its summary.
+COLLECTION_KEY, SUMMARY_KEY = "collection", "collection_summary"
 CUBE_OFF_TABLE = "cube_off_table"  # the tabletop env's termination_reason for a broken scene
 
 
@@ -144,6 +148,22 @@ class CollectionJob:
     chunk_size: int = 10  # episodes per unit of work handed to a worker
     max_retries: int = 5  # per episode: fresh scenes tried after a cube left the table, before giving up
 
+    def record(self, env_id: str) -> dict[str, Any]:
+        """What ``env_id``'s dataset holds is a function of these (not of workers or chunking):
+        stored in the dataset's metadata, so a rerun can tell a dataset it would make again."""
+        return {
+            "env_id": env_id,
+            "episodes_per_task": self.episodes_per_task,
+            "noise_levels": [float(x) for x in self.noise_levels],
+            "random_action_prob": float(self.random_action_prob),
+            "pixels": self.pixels,
+            "image_size": self.image_size,
+            "instruction_split": self.instruction_split,
+            "seed": self.seed,
+            "max_retries": self.max_retries,
+            "jpeg": self.jpeg,
+        }
+
 
 # Scene seed blocks (see scene_seed); each bound keeps one block inside the next.
 MAX_TASKS = 100  # per suite
@@ -267,10 +287,27 @@ def run_collection(job: CollectionJob, progress: bool = True) -> dict[str, Any]:
     ids = {env_id: dataset_id_for(env_id, job.dataset_name) for env_id in env_ids}
     for env_id in env_ids:
         task_index(env_id)  # raises before any work for an env without scene seeds
-    existing = [d for d in ids.values() if dataset_path(d, job.root).exists()]
-    if existing and not job.overwrite:
-        raise FileExistsError(f"datasets already exist: {existing}; pass --overwrite to replace them")
     remove_stale_tmp(job.root)
+    summary: dict[str, Any] = {}
+    if not job.overwrite:  # a dataset this job would write again is kept: a rerun resumes
+        existing = {e: d for e, d in ids.items() if dataset_path(d, job.root).exists()}
+        stored = {e: collection_metadata(d, job.root) for e, d in existing.items()}
+        other = {e: d for e, d in existing.items() if stored[e].get(COLLECTION_KEY) != job.record(e)}
+        if other:
+            env_id = next(iter(other))
+            made, asked = stored[env_id].get(COLLECTION_KEY) or {}, job.record(env_id)
+            differ = [
+                f"{k} {made.get(k, 'unrecorded')!r} there, {v!r} asked" for k, v in asked.items() if made.get(k) != v
+            ]
+            raise FileExistsError(
+                f"datasets {list(other.values())} already exist, collected with other settings "
+                f"({other[env_id]}: {'; '.join(differ)}); pass --overwrite to replace them, or another --root"
+            )
+        for env_id, dataset_id in existing.items():
+            summary[dataset_id] = {**stored[env_id][SUMMARY_KEY], "reused": True}
+        if existing and progress:
+            print(f"collect: {len(existing)} of {len(ids)} datasets already collected with these settings, kept")
+        env_ids = [e for e in env_ids if e not in existing]
 
     units = []
     for env_id in env_ids:
@@ -281,8 +318,7 @@ def run_collection(job: CollectionJob, progress: bool = True) -> dict[str, Any]:
     pending = {env_id: sum(1 for u in units if u[1] == env_id) for env_id in env_ids}
     results: dict[str, list[tuple[int, Episode]]] = {env_id: [] for env_id in env_ids}
     dropped = {env_id: [0] * len(job.noise_levels) for env_id in env_ids}
-    summary: dict[str, Any] = {}
-    bar = tqdm(total=sum(len(u[3]) for u in units), desc="collect", unit="ep", disable=not progress)
+    bar = tqdm(total=sum(len(u[3]) for u in units), desc="collect", unit="ep", disable=not (progress and units))
 
     def finish(env_id: str, level: int, episodes: list[Episode], n_dropped: int) -> None:
         results[env_id].extend((level, ep) for ep in episodes)
@@ -294,9 +330,15 @@ def run_collection(job: CollectionJob, progress: bool = True) -> dict[str, Any]:
             summary[ids[env_id]] = _write(env_id, ids[env_id], ordered, dropped.pop(env_id), job, write_dataset)
 
     if job.workers > 1 and len(units) > 1:
-        with ProcessPoolExecutor(job.workers, mp_context=get_context("spawn")) as pool:
+        # Ctrl-C reaches every process of the group: the workers ignore it and the main
+        # process cancels the queued work, so it stops with one message, not one per worker.
+        context, ignore = get_context("spawn"), (signal.SIGINT, signal.SIG_IGN)
+        pool = ProcessPoolExecutor(job.workers, mp_context=context, initializer=signal.signal, initargs=ignore)
+        try:
             for result in pool.map(_collect_unit, units):
                 finish(*result)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
     else:
         for unit in units:
             finish(*_collect_unit(unit))
@@ -309,6 +351,22 @@ def _write(
 ) -> dict[str, Any]:
     import envs  # noqa: F401
 
+    by_noise: dict[str, dict[str, Any]] = {}
+    for level, noise in enumerate(job.noise_levels):
+        eps = [ep.metadata for ep in episodes if ep.metadata["noise"] == noise]
+        by_noise[str(noise)] = {
+            "episodes": len(eps),
+            "dropped": dropped[level],
+            "success_rate": float(np.mean([m["success"] for m in eps])),
+            "mean_return": float(np.mean([m["return"] for m in eps])),
+            "mean_length": float(np.mean([m["length"] for m in eps])),
+        }
+    summary = {
+        "env_id": env_id,
+        "steps": int(sum(ep.metadata["length"] for ep in episodes)),
+        "dropped": int(sum(dropped)),
+        "by_noise": by_noise,
+    }
     env = gym.make(env_id, **_env_kwargs(env_id, job))
     try:
         write_dataset(
@@ -322,22 +380,39 @@ def _write(
             description=f"Scripted-expert episodes on {env_id} at noise levels {list(job.noise_levels)}.",
             jpeg=job.jpeg,
             overwrite=job.overwrite,
+            extra_metadata={COLLECTION_KEY: job.record(env_id), SUMMARY_KEY: summary},
         )
     finally:
         env.close()
-    by_noise: dict[str, dict[str, Any]] = {}
-    for level, noise in enumerate(job.noise_levels):
-        eps = [ep.metadata for ep in episodes if ep.metadata["noise"] == noise]
-        by_noise[str(noise)] = {
-            "episodes": len(eps),
-            "dropped": dropped[level],
-            "success_rate": float(np.mean([m["success"] for m in eps])),
-            "mean_return": float(np.mean([m["return"] for m in eps])),
-            "mean_length": float(np.mean([m["length"] for m in eps])),
-        }
-    return {
-        "env_id": env_id,
-        "steps": int(sum(ep.metadata["length"] for ep in episodes)),
-        "dropped": int(sum(dropped)),
-        "by_noise": by_noise,
-    }
+    return summary
+
+
+def check_reusable(dataset_id: str, root: str | os.PathLike | None, episodes_per_task: int, noise_levels) -> None:
+    """Raise ``ValueError`` unless the dataset holds exactly ``episodes_per_task`` episodes at
+    each of ``noise_levels``: what a pipeline that reuses datasets by name must check first."""
+    from envs.datasets import dataset_path, episode_metadata, load_dataset
+
+    path = dataset_path(dataset_id, root)
+    noise = [m["noise"] for m in episode_metadata(load_dataset(dataset_id, root=root))]
+    levels = sorted(set(noise))
+    if levels != sorted(float(x) for x in noise_levels):
+        raise ValueError(
+            f"{path} holds noise levels {levels}, this run asks for {sorted(noise_levels)}: "
+            "choose another --output-dir, or delete that dataset to re-collect it"
+        )
+    counts = sorted({noise.count(level) for level in levels})
+    if counts != [episodes_per_task]:
+        raise ValueError(
+            f"{path} holds {'/'.join(map(str, counts))} episodes per noise level, this run asks for "
+            f"--episodes-per-task {episodes_per_task}: pass the dataset's count, choose another "
+            "--output-dir, or delete that dataset to re-collect it"
+        )
+
+
+def collection_metadata(dataset_id: str, root: str | None) -> dict[str, Any]:
+    """The collection settings and summary stored in a dataset this module wrote ({} for
+    any other dataset)."""
+    from envs.datasets import read_dataset_metadata
+
+    metadata = read_dataset_metadata(dataset_id, root)
+    return {k: metadata[k] for k in (COLLECTION_KEY, SUMMARY_KEY) if k in metadata}

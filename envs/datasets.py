@@ -9,6 +9,7 @@ so an interrupted write never leaves anything that loads as a dataset.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import shutil
 import socket
@@ -73,6 +74,7 @@ def write_dataset(
     algorithm_name: str = "scripted-expert",
     jpeg: bool = False,
     overwrite: bool = False,
+    extra_metadata: dict[str, Any] | None = None,
 ) -> minari.MinariDataset:
     """Write ``episodes`` as the Minari dataset ``dataset_id`` under ``root``, atomically.
 
@@ -80,7 +82,8 @@ def write_dataset(
     stored as the episode's attributes and read back by :func:`episode_metadata`.
     Images are stored exactly, gzip-compressed inside HDF5 (any HDF5 reader, Minari's
     included, decompresses them transparently); ``jpeg=True`` selects Minari's own lossy
-    JPEG encoding instead.
+    JPEG encoding instead. ``extra_metadata`` (JSON values) joins Minari's dataset
+    metadata, read back by :func:`read_dataset_metadata`.
     """
     minari.dataset.minari_dataset.parse_dataset_id(dataset_id)  # raises on a malformed id
     if len(episodes) != len(episode_metadata):
@@ -109,6 +112,7 @@ def write_dataset(
                 "description": description,
                 "minari_version": importlib.metadata.version("minari"),
                 "requirements": [f"mujoco=={importlib.metadata.version('mujoco')}"],
+                **(extra_metadata or {}),
             }
         )
         with _gzip_images():
@@ -119,6 +123,14 @@ def write_dataset(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return minari.MinariDataset(final / "data")
+
+
+def read_dataset_metadata(dataset_id: str, root: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The dataset's Minari metadata (``metadata.json``, read as JSON, no data loaded)."""
+    path = dataset_path(dataset_id, root) / "data" / "metadata.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no dataset {dataset_id!r} at {path.parent.parent}")
+    return json.loads(path.read_text())
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:

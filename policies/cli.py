@@ -4,7 +4,8 @@
 ``ValueError``, a missing or clashing file) prints ``error: <what is wrong and what is
 valid>`` on stderr and exits with status 2, like argparse's own usage errors; ``--debug``
 anywhere on the command line shows the traceback instead. Ctrl-C prints one line and exits
-with 130: every long command writes its state atomically and resumes where it stopped.
+with 130 (the interruption's own message when it has one): every long command writes its
+state atomically, and the same command run again resumes where it stopped.
 Any other exception is a bug and keeps its traceback.
 """
 
@@ -24,10 +25,11 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
     argv = [a for a in argv if a != "--debug"]
     try:
         result = main(argv)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if debug:
             raise
-        print("interrupted: what was saved is complete; long commands resume when run again", file=sys.stderr)
+        said = str(exc) or "what was saved is complete; run the same command again to resume"
+        print(f"interrupted: {said}", file=sys.stderr)
         return 130
     except USER_ERRORS as exc:
         if debug:

@@ -78,6 +78,19 @@ def sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def weights_sha256(checkpoint: str | os.PathLike) -> str:
+    """Which weights a checkpoint holds: the SHA-256 of its weights file as its manifest
+    records it (hashed here for a checkpoint without one); ``"missing"`` when there are none.
+    Pipelines fingerprint their stages with it."""
+    manifest = Path(checkpoint) / MANIFEST_NAME
+    if manifest.is_file():
+        entry = json.loads(manifest.read_text()).get("files", {}).get(WEIGHTS_NAME)
+        if entry is not None:
+            return entry["sha256"]
+    weights = Path(checkpoint) / WEIGHTS_NAME
+    return sha256(weights) if weights.is_file() else "missing"
+
+
 def write_manifest(directory: str | os.PathLike, names: list[str]) -> None:
     """``manifest.json``: each of ``names`` (files in ``directory``) with its size and SHA-256."""
     directory = Path(directory)
@@ -105,8 +118,10 @@ def verify_checkpoint(directory: str | os.PathLike, names: tuple[str, ...] = (CO
             )
 
 
-def _check_destination(directory: Path, overwrite: bool) -> None:
-    """A save may replace a checkpoint (with ``overwrite``), never anything else."""
+def check_destination(directory: str | os.PathLike, overwrite: bool) -> None:
+    """A save may replace a checkpoint (with ``overwrite``), never anything else. Commands
+    call it before their work starts, so a refused save costs nothing."""
+    directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(f"{directory} is a file; a checkpoint is saved as a directory: choose a folder path")
     contents = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
@@ -148,7 +163,7 @@ class PretrainedPolicy(nn.Module):
         is replaced only with ``overwrite``; a file path, or a folder that is not a
         checkpoint, is refused, so nothing is deleted that a save did not write."""
         directory = Path(directory)
-        _check_destination(directory, overwrite)
+        check_destination(directory, overwrite)
         with atomic_directory(directory) as tmp:
             (tmp / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
             save_tensors(self.state_dict(), tmp / WEIGHTS_NAME, metadata={"format": "pt"})

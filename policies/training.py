@@ -20,8 +20,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -261,6 +265,35 @@ def _copy_into(policy: nn.Module, values: list[torch.Tensor]) -> None:
 # -- the loop -----------------------------------------------------------------------
 
 
+@contextmanager
+def _interrupt_between_steps() -> Iterator[threading.Event]:
+    """While inside, a first Ctrl-C (SIGINT) sets the event instead of raising in the middle
+    of a step, so training saves the step it finished and then raises ``KeyboardInterrupt``
+    (a rerun resumes from there); a second Ctrl-C raises at once. The previous handler
+    comes back after. Only the main thread can install a handler; elsewhere Ctrl-C raises
+    as usual and training resumes from its last periodic checkpoint."""
+    asked = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield asked
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if asked.is_set():
+            signal.signal(signal.SIGINT, previous)
+            raise KeyboardInterrupt
+        asked.set()
+        tqdm.write("interrupt: saving the step in progress (Ctrl-C again to stop at once, unsaved)")
+
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None:  # a handler not installed from Python: restore Python's default
+        previous = signal.default_int_handler
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield asked
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def train(
     policy: nn.Module,
     dataset: Any,
@@ -308,6 +341,8 @@ def train(
                 stacklevel=2,
             )
         start, rng = load_checkpoint(checkpoint, policy, optimizer, ema)
+        if rank == 0:
+            tqdm.write(f"resuming {checkpoint} at step {start} of {config.steps}")
         for group in optimizer.param_groups:  # checkpoints written before the scheduler kept it
             group.setdefault("initial_lr", config.lr * group["lr_scale"])
         if averaged is not None:
@@ -335,48 +370,56 @@ def train(
     began, last_log, samples = time.perf_counter(), time.perf_counter(), 0
     loss_value, step = float("nan"), start
     bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not (is_main and config.progress))
-    for step in range(start, end):
-        lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_scale"]
-        batch = dataset.sample(local_batch, rng, config.image_shift)
-        loss, logs = model(batch, step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip))
-        optimizer.step()
-        scheduler.step()
-        if averaged is not None:
-            averaged.update_parameters(policy)
-        loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"training loss became {loss_value} at step {step}")
-        samples += config.batch_size
-        done = step + 1
-        bar.update(1)
-        if is_main and (done % config.log_every == 0 or done == config.steps):
-            now = time.perf_counter()
-            record = {
-                "step": done,
-                "loss": loss_value,
-                **logs,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "samples_per_s": samples / (now - last_log),
-                "elapsed_s": now - began,
-            }
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{loss_value:.4f}")
-            last_log, samples = now, 0
-        out_of_time = config.max_minutes is not None and time.perf_counter() - began > 60 * config.max_minutes
-        if world > 1:  # every rank must stop at the same step
-            flag = torch.tensor([float(out_of_time)], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            out_of_time = bool(flag.item())
-        if is_main and (done % config.save_every == 0 or done == end or out_of_time):
-            save_checkpoint(checkpoint, policy, optimizer, done, rng, ema, config)
-            plot_metrics(metrics_path, out / "loss.png")
-        if out_of_time:
-            break
+    with _interrupt_between_steps() as interrupt:
+        for step in range(start, end):
+            lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_scale"]
+            batch = dataset.sample(local_batch, rng, config.image_shift)
+            loss, logs = model(batch, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip))
+            optimizer.step()
+            scheduler.step()
+            if averaged is not None:
+                averaged.update_parameters(policy)
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"training loss became {loss_value} at step {step}")
+            samples += config.batch_size
+            done = step + 1
+            bar.update(1)
+            if is_main and (done % config.log_every == 0 or done == config.steps):
+                now = time.perf_counter()
+                record = {
+                    "step": done,
+                    "loss": loss_value,
+                    **logs,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "samples_per_s": samples / (now - last_log),
+                    "elapsed_s": now - began,
+                }
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+                last_log, samples = now, 0
+            out_of_time = config.max_minutes is not None and time.perf_counter() - began > 60 * config.max_minutes
+            interrupted = interrupt.is_set()
+            if world > 1:  # every rank must stop at the same step
+                flags = torch.tensor([float(out_of_time), float(interrupted)], device=device)
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                out_of_time, interrupted = bool(flags[0].item()), bool(flags[1].item())
+            if is_main and (done % config.save_every == 0 or done == end or out_of_time or interrupted):
+                save_checkpoint(checkpoint, policy, optimizer, done, rng, ema, config)
+                plot_metrics(metrics_path, out / "loss.png")
+            if interrupted:
+                bar.close()
+                raise KeyboardInterrupt(
+                    f"training interrupted after step {done}, saved in {checkpoint}; "
+                    "run the same command again to resume from it"
+                )
+            if out_of_time:
+                break
     bar.close()
     if world > 1:
         dist.barrier()

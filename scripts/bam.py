@@ -36,6 +36,7 @@ from envs.tasks import get_task  # noqa: E402
 from policies import from_pretrained  # noqa: E402
 from policies.data import ChunkDataset  # noqa: E402
 from policies.io import log  # noqa: E402
+from policies.pretrained import weights_sha256  # noqa: E402
 from policies.training import TrainConfig  # noqa: E402
 from policies.vla import VLAPolicy, mix_specialists, pipeline  # noqa: E402
 from policies.vla.report import to_markdown  # noqa: E402
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     began = time.perf_counter()
     data = pipeline.load_data(cfg, env_ids)
     out = Path(cfg.output_dir) / "checkpoints"
-    base = pipeline.weights_id(pretrained)
+    base = weights_sha256(pretrained)
     data_settings = {"root": str(root), "chunk_size": data.chunk_size, "cameras": list(data.cameras)}
 
     def settings(stage_tasks: list[str], steps: int, **extra) -> dict:
@@ -150,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         )
 
     log(f"mix: {experts} specialists, fine-tuned {args.finetune_steps} steps on every task")
-    specialist_weights = {v: pipeline.weights_id(out / v) for v in specialists}
+    specialist_weights = {v: weights_sha256(out / v) for v in specialists}
     pipeline.train_stage(
         cfg,
         "bam_mixed",

@@ -3,7 +3,10 @@
     python scripts/collect.py --suite tabletop --episodes-per-task 50 --noise 0.0 0.1 0.3
 
 Each task's dataset holds every noise level (the level, task and instruction are stored
-per episode) and is written atomically: an interrupted run leaves no loadable dataset.
+per episode) and is written atomically: an interrupted run leaves no loadable dataset, and
+running the same command again keeps the datasets already collected with these settings
+(they are recorded in each dataset's metadata) and collects the rest. A dataset collected
+with other settings is an error unless --overwrite.
 Datasets land under --root (default outputs/datasets, or $MINARI_DATASETS_PATH); point
 MINARI_DATASETS_PATH at that root and ``minari.load_dataset(id)`` reads them.
 """
@@ -34,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--jpeg", action="store_true", help="JPEG-encode images (lossy, ~10x smaller)")
-    p.add_argument("--overwrite", action="store_true", help="replace datasets that already exist")
+    p.add_argument("--overwrite", action="store_true", help="collect every dataset again, replacing any already there")
     return p.parse_args(argv)
 
 

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from policies import DecisionTransformer, from_pretrained  # noqa: E402
 from policies.dt.recipe import build_model, load_task_data, parse_datasets  # noqa: E402
 from policies.dt.training import DTTrainConfig, specialist_from, train_dt  # noqa: E402
+from policies.pretrained import check_destination  # noqa: E402
 from policies.training import resolve_device  # noqa: E402
 
 
@@ -37,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset", action="append", required=True, help="TASK=MINARI_ID_OR_PATH (repeat per task)")
     p.add_argument("--root", default=None, help="dataset root (default $MINARI_DATASETS_PATH or outputs/datasets)")
     p.add_argument("--output-dir", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace the checkpoint already at --output-dir")
     p.add_argument("--init", default=None, help="checkpoint to fine-tune from (a common initialisation)")
     p.add_argument("--task", default=None, help="with --init: the task whose specialist this is")
     defaults = DTTrainConfig()
@@ -56,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     resolve_device(args.device)  # an unusable device is an error before any work starts
+    check_destination(args.output_dir, args.overwrite)  # and so is an output it may not replace
     data = load_task_data(parse_datasets(args.dataset), args.root)
     for task, d in data.items():
         print(f"{task}: {json.dumps(d.summary())}")
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> Path:
         "seconds": time.perf_counter() - start,
         "final": history[-1],
     }
-    model.save_pretrained(out, extra_files={"train.json": json.dumps(info, indent=2)})
+    model.save_pretrained(out, extra_files={"train.json": json.dumps(info, indent=2)}, overwrite=args.overwrite)
     print(f"trained {config.steps} steps in {info['seconds']:.0f} s -> {out}")
     return out
 

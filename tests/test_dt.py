@@ -461,6 +461,22 @@ def test_merge_experiment_quick_run_writes_its_table_plot_and_checkpoints(tmp_pa
     assert "| Fisher merge |" in table and "Fisher merge minus uniform average" in table
     for method in ("average", "fisher", "task_arithmetic", "ties", "moe"):
         assert from_pretrained(out / "seed0" / "merged" / method).config.role.startswith("merge:")
-    stamp = (out / "seed0" / "merged" / "fisher" / "model.safetensors").stat().st_mtime_ns
+    seed = out / "seed0"
+    weights = {p: p.read_bytes() for p in seed.glob("**/model.safetensors")}
+    evaluated = {p: p.stat().st_mtime_ns for p in (seed / "eval").glob("*.json")}
     run_script("dt_merge.py", "--quick", "--output-dir", out)  # a second run reuses every stage
-    assert (out / "seed0" / "merged" / "fisher" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert {p: p.read_bytes() for p in seed.glob("**/model.safetensors")} == weights
+    assert {p: p.stat().st_mtime_ns for p in (seed / "eval").glob("*.json")} == evaluated
+    # Other TIES settings rebuild that merge and its evaluation only, and say so.
+    said = run_script("dt_merge.py", "--quick", "--output-dir", out, "--ties-density", "0.5").stdout
+    assert "merge ties: settings changed since" in said and "eval ties: settings changed since" in said
+    changed = {p.relative_to(seed).parts[:2] for p, b in weights.items() if p.read_bytes() != b}
+    assert changed == {("merged", "ties")}
+    assert [p.name for p, m in evaluated.items() if p.stat().st_mtime_ns != m] == ["ties.json"]
+    # More specialist steps retrain every specialist and rebuild every merge, not the common one.
+    run_script("dt_merge.py", "--quick", "--output-dir", out, "--specialist-steps", str(QUICK["specialist_steps"] + 1))
+    changed = {p.relative_to(seed).parts[0] for p, b in weights.items() if p.read_bytes() != b}
+    assert changed == {"specialists", "merged"}
+    # Datasets collected with another episode count are refused by name, not silently reused.
+    proc = run_script("dt_merge.py", "--quick", "--output-dir", out, "--episodes-per-task", "7", check=False)
+    assert proc.returncode == 2 and "holds 6 episodes per noise level" in proc.stderr

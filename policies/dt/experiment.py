@@ -11,8 +11,9 @@ return is 0 for a uniformly random policy and 100 for the scripted expert at zer
 
 Writes ``<output_dir>/results.md``, ``results.json``, ``plots/normalized_return.png`` and
 per seed ``seed<k>/{common, specialists/<task>, merged/<method>}`` (each a
-``from_pretrained`` directory) with ``eval/*.json`` beside. Every stage skips outputs that
-are already complete.
+``from_pretrained`` directory) with ``eval/*.json`` beside. Every stage records what it was
+made with (its settings, the datasets, the weights it starts from) and is reused only when
+those are unchanged; a change rebuilds it and everything downstream, saying so.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from envs.collection import CollectionJob, dataset_id_for, run_collection
+from envs.collection import CollectionJob, check_reusable, dataset_id_for, run_collection
 from envs.datasets import dataset_path
 from envs.ids import tabletop_id
 from policies.dt.merging import merge_into_moe, merge_specialists
@@ -43,9 +44,9 @@ from policies.dt.recipe import (
     train_specialist,
 )
 from policies.dt.training import DTTrainConfig, train_dt
-from policies.io import write_json, write_text
+from policies.io import fingerprint, read_json, stage_matches, write_json, write_text
 from policies.plotting import pyplot, save_figure
-from policies.pretrained import from_pretrained
+from policies.pretrained import from_pretrained, weights_sha256
 
 DEFAULT_TASKS = ("ReachRed", "PickRed", "PushRedToYellowPad", "PlaceBlueOnYellowPad")
 MERGES = ("average", "fisher", "task_arithmetic", "ties", "moe")
@@ -135,6 +136,8 @@ def prepare_data(cfg: MergeExperimentConfig) -> dict[str, str]:
     env_ids = [tabletop_id(t) for t in cfg.tasks]
     ids = {env_id: dataset_id_for(env_id, "dt-state") for env_id in env_ids}
     missing = [e for e, d in ids.items() if not dataset_path(d, cfg.root).exists()]
+    for env_id in sorted(set(ids) - set(missing)):  # reused only when made with this run's settings
+        check_reusable(ids[env_id], cfg.root, cfg.episodes_per_task, cfg.noise)
     if missing:
         print(f"collecting state-only datasets for {len(missing)} task(s) ...", flush=True)
         run_collection(
@@ -164,38 +167,74 @@ def train_config(cfg: MergeExperimentConfig, steps: int, seed: int, **kw: Any) -
     )
 
 
-def stage(directory: Path, build, label: str):
-    """Load ``directory`` if complete, else build and save it."""
-    if (directory / "model.safetensors").is_file():
+def stage(directory: Path, build, label: str, settings: dict[str, Any]):
+    """Load ``directory`` when it was made with ``settings`` (its ``stage.json``), else build
+    and save it, saying why when an older one is replaced."""
+    if (directory / "model.safetensors").is_file() and stage_matches(directory, settings, f"  {label}"):
         return from_pretrained(directory)
     t0 = time.perf_counter()
     model = build()
-    model.save_pretrained(directory)
+    record = {"fingerprint": fingerprint(settings), "settings": settings}
+    model.save_pretrained(directory, extra_files={"stage.json": json.dumps(record, indent=2) + "\n"})
     print(f"  {label}: {time.perf_counter() - t0:.1f} s", flush=True)
     return model
 
 
-def run_seed(cfg: MergeExperimentConfig, seed: int, data: dict, out: Path) -> dict[str, Any]:
+def training_settings(config: DTTrainConfig) -> dict[str, Any]:
+    """What a trained model depends on: its training settings, less where it ran."""
+    return {k: v for k, v in asdict(config).items() if k != "device"}
+
+
+def data_settings(cfg: MergeExperimentConfig, datasets: dict[str, str]) -> dict[str, Any]:
+    collected = {} if cfg.datasets else {"episodes_per_task": cfg.episodes_per_task, "noise": list(cfg.noise)}
+    return {"datasets": datasets, "root": str(cfg.root), **collected}
+
+
+def evaluation(path: Path, settings: dict[str, Any], run) -> dict[str, Any]:
+    """The evaluation at ``path`` when it was made with ``settings``, else ``run()`` saved there."""
+    record = read_json(path)
+    if record is not None and record.get("fingerprint") == fingerprint(settings):
+        return record["results"]
+    if record is not None:
+        print(f"  eval {path.stem}: settings changed since {path} was made; evaluating again", flush=True)
+    t0 = time.perf_counter()
+    results = run()
+    write_json(path, {"fingerprint": fingerprint(settings), "settings": settings, "results": results}, indent=1)
+    print(f"  eval {path.stem}: {time.perf_counter() - t0:.1f} s", flush=True)
+    return results
+
+
+def run_seed(cfg: MergeExperimentConfig, seed: int, data: dict, datasets: dict[str, str], out: Path) -> dict[str, Any]:
+    """One seed's stages, each rebuilt only when what it depends on changed (its settings,
+    the weights it starts from: ``stage.json`` beside every checkpoint and in every
+    evaluation)."""
     torch.manual_seed(seed)
     tasks = list(data)
     seed_dir = out / f"seed{seed}"
+    common_config = train_config(cfg, cfg.common_steps, seed)
     common = stage(
         seed_dir / "common",
         lambda: train_common(
             build_model(data, cfg.target_quantile),
             data,
-            train_config(cfg, cfg.common_steps, seed),
+            common_config,
             seed_dir / "logs" / "common",
         ),
         "common initialisation",
+        {
+            "data": data_settings(cfg, datasets),
+            "train": training_settings(common_config),
+            "target_quantile": cfg.target_quantile,
+        },
     )
+    common_weights = weights_sha256(seed_dir / "common")
+    specialist_config = train_config(cfg, cfg.specialist_steps, seed)
     specialists = {
         t: stage(
             seed_dir / "specialists" / t,
-            lambda t=t: train_specialist(
-                common, t, data, train_config(cfg, cfg.specialist_steps, seed), seed_dir / "logs" / t
-            ),
+            lambda t=t: train_specialist(common, t, data, specialist_config, seed_dir / "logs" / t),
             f"specialist {t}",
+            {"task": t, "common": common_weights, "train": training_settings(specialist_config)},
         )
         for t in tasks
     }
@@ -204,15 +243,11 @@ def run_seed(cfg: MergeExperimentConfig, seed: int, data: dict, out: Path) -> di
         for t in tasks
     }
     norm = None if cfg.fisher_normalization == "none" else cfg.fisher_normalization
+    router_config = train_config(cfg, cfg.router_steps, seed, lr=cfg.router_lr, trainable="router")
 
     def moe() -> Any:
         model = merge_into_moe(specialists, generator=torch.Generator().manual_seed(seed))
-        train_dt(
-            model,
-            data,
-            train_config(cfg, cfg.router_steps, seed, lr=cfg.router_lr, trainable="router"),
-            seed_dir / "logs" / "moe-router",
-        )
+        train_dt(model, data, router_config, seed_dir / "logs" / "moe-router")
         return model
 
     builders = {
@@ -224,21 +259,37 @@ def run_seed(cfg: MergeExperimentConfig, seed: int, data: dict, out: Path) -> di
         ),
         "moe": moe,
     }
-    merged = {m: stage(seed_dir / "merged" / m, builders[m], f"merge {m}") for m in MERGES}
+    options = {
+        "average": {},
+        "fisher": {"normalization": cfg.fisher_normalization, "fisher_samples": cfg.fisher_samples},
+        "task_arithmetic": {"scale": cfg.ta_scale},
+        "ties": {"scale": cfg.ties_scale, "density": cfg.ties_density},
+        "moe": {"seed": seed, "train": training_settings(router_config)},
+    }
+    inputs = {"common": common_weights, "specialists": {t: weights_sha256(seed_dir / "specialists" / t) for t in tasks}}
+    merged = {
+        m: stage(seed_dir / "merged" / m, builders[m], f"merge {m}", {"method": m, **inputs, **options[m]})
+        for m in MERGES
+    }
 
     references = references_for(common, cfg.eval_episodes, out / "references.json")
     results: dict[str, Any] = {}
+    directories = {"common": seed_dir / "common"} | {f"specialist:{t}": seed_dir / "specialists" / t for t in tasks}
+    directories |= {m: seed_dir / "merged" / m for m in MERGES}
     evaluations = [("common", common, tasks)] + [(f"specialist:{t}", specialists[t], [t]) for t in tasks]
     evaluations += [(m, merged[m], tasks) for m in MERGES]
     for name, model, on in evaluations:
-        path = seed_dir / "eval" / f"{name.replace(':', '-')}.json"
-        if path.is_file():
-            results[name] = json.loads(path.read_text())
-            continue
-        t0 = time.perf_counter()
-        results[name] = evaluate_model(model, on, references, cfg.eval_episodes)
-        write_json(path, results[name], indent=1)
-        print(f"  eval {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+        settings = {
+            "weights": weights_sha256(directories[name]),
+            "tasks": on,
+            "episodes": cfg.eval_episodes,
+            "references": {t: references[t] for t in on},
+        }
+
+        def run_eval(model=model, on=on) -> dict[str, Any]:
+            return evaluate_model(model, on, references, cfg.eval_episodes)
+
+        results[name] = evaluation(seed_dir / "eval" / f"{name.replace(':', '-')}.json", settings, run_eval)
     params = {
         "dense": common.num_parameters(),
         "moe_total": merged["moe"].num_parameters(),
@@ -363,7 +414,7 @@ def run(cfg: MergeExperimentConfig) -> dict:
     per_seed = {}
     for seed in cfg.seeds:
         print(f"seed {seed}", flush=True)
-        per_seed[seed] = run_seed(cfg, seed, data, out)
+        per_seed[seed] = run_seed(cfg, seed, data, datasets, out)
     refs = json.loads((out / "references.json").read_text())
     result = report(cfg, per_seed, list(data), out, refs)
     print(f"done in {(time.perf_counter() - t0) / 60:.1f} min -> {out / 'results.md'}")

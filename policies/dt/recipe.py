@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from adamoe import load_fisher, save_fisher
+from adamoe import fisher_metadata, load_fisher, save_fisher
 from policies.dt.configuration_dt import DecisionTransformerConfig, DTTask
 from policies.dt.data import OfflineData, load_offline
 from policies.dt.evaluation import EVAL_SEED, evaluate_task, normalized_return, reference_returns
@@ -129,12 +129,16 @@ def fisher_for(
 ) -> dict[str, torch.Tensor]:
     """The Fisher saved beside ``checkpoint`` (or at ``path``), computed and saved when absent."""
     path = Path(path) if path is not None else Path(checkpoint) / FISHER_NAME
+    wanted = {"task": task, "samples": samples, "kind": kind, "seed": seed}
     if path.is_file():
-        return load_fisher(path)
+        made = fisher_metadata(path)
+        if data is None or all(made.get(k) == v for k, v in wanted.items()):
+            return load_fisher(path)
+        print(f"  Fisher {path} was computed with other settings; computing it again", flush=True)
     if data is None:
         raise FileNotFoundError(f"no Fisher at {path} and no dataset for task {task!r} to compute it from")
     fisher = dt_fisher(model, task, data, samples=samples, kind=kind, seed=seed, progress=progress)
-    save_fisher(fisher, path, {"task": task, "samples": samples, "kind": kind, "dataset": data.name})
+    save_fisher(fisher, path, {**wanted, "dataset": data.name})
     return fisher
 
 
@@ -161,12 +165,13 @@ def evaluate_model(
 
 
 def references_for(model: DecisionTransformer, episodes: int, cache: Path | None = None) -> dict[str, dict]:
-    """Reference returns of every task (cached as JSON when ``cache`` is given)."""
+    """Reference returns of every task over ``episodes`` (cached as JSON when ``cache`` is
+    given; a cache measured over another number of episodes is measured again)."""
     if cache is not None and cache.is_file():
         refs = json.loads(cache.read_text())
-        if all(t in refs for t in model.config.task_names):
+        if all(refs.get(t, {}).get("episodes") == episodes for t in model.config.task_names):
             return refs
-    refs = {t.name: reference_returns(t.env_id, episodes) for t in model.config.tasks}
+    refs = {t.name: {**reference_returns(t.env_id, episodes), "episodes": episodes} for t in model.config.tasks}
     if cache is not None:
         write_json(cache, refs)
     return refs

@@ -111,9 +111,11 @@ def train_dt(
     if output_dir is not None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         log_path = Path(output_dir) / "metrics.jsonl"
+        log_path.unlink(missing_ok=True)  # this run's curve, not appended to an earlier run's
     history: list[dict[str, Any]] = []
     start = time.perf_counter()
     bar = tqdm(range(config.steps), desc=f"train DT ({','.join(tasks)})"[:60], disable=not progress)
+    step = 0
     try:
         for step in bar:
             batches = {t: s.sample(config.batch_size, rng, device) for t, s in samplers.items()}
@@ -131,6 +133,11 @@ def train_dt(
                 if log_path is not None:
                     with log_path.open("a") as f:
                         f.write(json.dumps(row) + "\n")
+    except KeyboardInterrupt as exc:
+        raise KeyboardInterrupt(
+            f"DT training interrupted at step {step} of {config.steps}; a DT saves only when it finishes "
+            "(minutes), so the same command run again starts it over"
+        ) from exc
     finally:
         for p, flag in zip(frozen, flags, strict=True):
             p.requires_grad_(flag)

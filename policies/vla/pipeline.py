@@ -33,7 +33,7 @@ import torch
 
 import adamoe
 import envs  # noqa: F401  (GL backend first, registers the envs)
-from envs.collection import CollectionJob, dataset_id_for, run_collection
+from envs.collection import CollectionJob, check_reusable, dataset_id_for, run_collection
 from envs.datasets import dataset_path, episode_metadata, load_dataset
 from envs.ids import is_metaworld, is_tabletop, task_name
 from envs.registration import resolve_env_ids
@@ -41,7 +41,7 @@ from policies.constants import SCENE_FEATURES, SCENE_POSITIONS
 from policies.data import ChunkDataset
 from policies.evaluation import EvalConfig, evaluate
 from policies.io import log, read_json, record_stage, stage_matches, write_json, write_text
-from policies.pretrained import WEIGHTS_NAME, from_pretrained, sha256
+from policies.pretrained import from_pretrained, weights_sha256
 from policies.training import TrainConfig, train
 from policies.vla import recipe
 from policies.vla.configuration_vla import parse_overrides, vla_config
@@ -195,21 +195,7 @@ QUICK = {
 def collect(cfg: PipelineConfig, env_ids: list[str]) -> None:
     missing = [e for e in env_ids if not dataset_path(dataset_id_for(e), cfg.root).exists()]
     for env_id in sorted(set(env_ids) - set(missing)):  # reused only when made with this run's settings
-        path = dataset_path(dataset_id_for(env_id), cfg.root)
-        noise = [m["noise"] for m in episode_metadata(load_dataset(dataset_id_for(env_id), root=cfg.root))]
-        levels = sorted(set(noise))
-        if levels != sorted(cfg.noise):
-            raise ValueError(
-                f"{path} holds noise levels {levels}, this run asks for {sorted(cfg.noise)}: "
-                "choose another --output-dir, or delete that dataset to re-collect it"
-            )
-        counts = sorted({noise.count(level) for level in levels})
-        if counts != [cfg.episodes_per_task]:
-            raise ValueError(
-                f"{path} holds {'/'.join(map(str, counts))} episodes per noise level, this run asks for "
-                f"--episodes-per-task {cfg.episodes_per_task}: pass the dataset's count, choose another "
-                "--output-dir, or delete that dataset to re-collect it"
-            )
+        check_reusable(dataset_id_for(env_id), cfg.root, cfg.episodes_per_task, cfg.noise)
     if not missing:
         log(f"collect: datasets complete under {cfg.root}, reusing them")
         return
@@ -293,21 +279,12 @@ def upcycled(cfg: PipelineConfig, pretrained: Path, variant: str) -> VLAPolicy:
     return upcycle_as(from_pretrained(pretrained), variant, cfg.init, cfg.num_experts, cfg.top_k, generator)
 
 
-def weights_id(checkpoint: Path) -> str:
-    """Which weights a checkpoint holds: the SHA-256 its manifest records (or its own)."""
-    manifest = read_json(Path(checkpoint) / "manifest.json")
-    if manifest and WEIGHTS_NAME in manifest.get("files", {}):
-        return manifest["files"][WEIGHTS_NAME]["sha256"]
-    weights = Path(checkpoint) / WEIGHTS_NAME
-    return sha256(weights) if weights.is_file() else "missing"
-
-
 def finetune_settings(cfg: PipelineConfig, pretrained: Path, variant: str) -> dict[str, Any]:
     """Everything a fine-tuned variant depends on: a change reruns it."""
     tasks = sorted(resolve_env_ids(cfg.suite))
     return {
         "tasks": tasks,
-        "base": weights_id(pretrained),
+        "base": weights_sha256(pretrained),
         "variant": variant,
         "init": cfg.init,
         "num_experts": cfg.num_experts,
@@ -350,7 +327,7 @@ def evaluate_all(cfg: PipelineConfig, env_ids: list[str]) -> None:
         for split in splits[:1] if name == "pretrained" else splits:
             out = eval_path(cfg, name, split)
             settings = {
-                "weights": weights_id(checkpoint),
+                "weights": weights_sha256(checkpoint),
                 "tasks": list(env_ids),
                 "episodes_per_task": cfg.eval_episodes,
                 "split": split,
