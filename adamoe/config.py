@@ -155,6 +155,8 @@ class MoEConfig(JSONConfig):
             "router_init_std",
             "expert_noise_std",
             "consistency_coef",
+            "shared_coef",
+            "routed_coef",
         ):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:

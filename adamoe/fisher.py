@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
@@ -214,8 +214,11 @@ def fisher_metadata(path: str | os.PathLike) -> dict[str, Any]:
 def _fisher_header(path: Path) -> dict[str, str]:
     if not path.is_file():
         raise FileNotFoundError(f"no Fisher file at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        header = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except SafetensorError as exc:
+        raise ValueError(f"{path} is not a readable safetensors file ({exc}): it is truncated or damaged") from exc
     if header.get("format") != "adamoe-fisher":
         raise ValueError(
             f"{path} is not a Fisher file written by save_fisher (its format is {header.get('format')!r}, not "

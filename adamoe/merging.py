@@ -9,6 +9,7 @@ stay with their models.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -155,10 +156,16 @@ def task_vectors(state_dicts: Sequence[StateDict], base: StateDict, names: Seque
     return [{n: sd[n].double() - base[n].double() for n in names} for sd in state_dicts]
 
 
+def _check_scale(scale: float) -> None:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+
+
 def task_arithmetic(
     state_dicts: Sequence[StateDict], base: StateDict, scale: float = 1.0, plan: MergePlan | None = None
 ) -> dict[str, torch.Tensor]:
     """``theta = theta_base + scale * sum_i (theta_i - theta_base)``."""
+    _check_scale(scale)
     names = _names(state_dicts, plan)
     taus = task_vectors(state_dicts, base, names)
     return {n: (base[n].double() + scale * sum(t[n] for t in taus)).to(base[n].dtype) for n in names}
@@ -177,6 +184,7 @@ def ties_merge(
     that to the base."""
     if not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1], got {density!r}")
+    _check_scale(scale)
     names = _names(state_dicts, plan)
     taus = task_vectors(state_dicts, base, names)
     trimmed = []

@@ -287,6 +287,8 @@ def run_collection(job: CollectionJob, progress: bool = True) -> dict[str, Any]:
     ids = {env_id: dataset_id_for(env_id, job.dataset_name) for env_id in env_ids}
     for env_id in env_ids:
         task_index(env_id)  # raises before any work for an env without scene seeds
+    for first in {(is_tabletop(e), is_metaworld(e)): e for e in reversed(env_ids)}.values():
+        gym.make(first, **_env_kwargs(first, job)).close()  # bad env options (image size...) fail here, not in a worker
     remove_stale_tmp(job.root)
     summary: dict[str, Any] = {}
     if not job.overwrite:  # a dataset this job would write again is kept: a rerun resumes

@@ -30,6 +30,9 @@ class Normalizer(nn.Module):
     @torch.no_grad()
     def fit(self, stats: dict[str, np.ndarray | torch.Tensor]) -> Normalizer:
         """Set the statistics from a dict with ``mean``, ``std``, ``min`` and ``max``."""
+        missing = [name for name in ("mean", "std", "min", "max") if name not in stats]
+        if missing:
+            raise ValueError(f"statistics are missing {missing}; each feature needs mean, std, min and max")
         for name in ("mean", "std", "min", "max"):
             value = torch.as_tensor(np.asarray(stats[name]), dtype=torch.float32)
             buffer = getattr(self, name)

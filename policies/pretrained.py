@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -60,11 +61,23 @@ def load_state_dict_checked(module: nn.Module, tensors: dict[str, torch.Tensor],
     module.load_state_dict(tensors, strict=True)
 
 
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (nothing is unpickled); a damaged file is a
+    ``ValueError`` naming it."""
+    try:
+        return load_file(str(path))
+    except SafetensorError as exc:
+        raise ValueError(f"{path} is not a readable safetensors file ({exc}): it is truncated or damaged") from exc
+
+
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}: not a policy checkpoint directory")
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}): the checkpoint is damaged") from exc
     if not isinstance(config, dict) or "type" not in config:
         raise ValueError(f"{path} has no 'type' tag; known policy types are {sorted(POLICIES)}")
     return config
@@ -187,7 +200,7 @@ class PretrainedPolicy(nn.Module):
         weights = Path(directory) / WEIGHTS_NAME
         if not weights.is_file():
             raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
-        load_state_dict_checked(policy, load_file(str(weights)), str(weights))
+        load_state_dict_checked(policy, read_weights(weights), str(weights))
         return policy.to(device).eval()
 
 

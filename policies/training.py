@@ -33,14 +33,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 import adamoe
 from policies.io import atomic_directory, write_text
 from policies.plotting import pyplot, save_figure
-from policies.pretrained import load_state_dict_checked, save_tensors
+from policies.pretrained import load_state_dict_checked, read_weights, save_tensors
 
 CHECKPOINT_DIR = Path("checkpoints") / "last"
 
@@ -84,6 +83,13 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay!r}")
+        for name in ("warmup_steps", "image_shift", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.max_minutes is not None and not (
+            isinstance(self.max_minutes, (int, float)) and math.isfinite(self.max_minutes) and self.max_minutes > 0
+        ):
+            raise ValueError(f"max_minutes must be a finite number > 0, or None for no limit, got {self.max_minutes!r}")
 
 
 # Settings that may change between a run and its resumption without changing what it learns.
@@ -237,7 +243,7 @@ def load_checkpoint(
     """Restore what :func:`save_checkpoint` wrote; returns (next step, numpy generator)."""
     state_dir = directory / "training_state"
     meta = json.loads((state_dir / "state.json").read_text())
-    tensors = load_file(str(state_dir / "state.safetensors"))
+    tensors = read_weights(state_dir / "state.safetensors")
     model = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     load_state_dict_checked(policy, model, str(state_dir / "state.safetensors"))
     opt_state: dict[int, dict[str, torch.Tensor]] = {}

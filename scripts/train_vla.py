@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     resolve_device(args.device)  # an unusable device is an error before any work starts
     config = vla_config(args.preset, **parse_overrides(args.set))
+    env_ids = resolve_env_ids(args.suite)  # every flag is checked before the first error about combining them
     encoder = from_pretrained(args.encoder) if args.encoder else None
     if config.vision == "scene" and encoder is None:
         print(
@@ -85,7 +86,6 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    env_ids = resolve_env_ids(args.suite)
     datasets = args.datasets or [dataset_id_for(env_id, args.dataset_name) for env_id in env_ids]
     data = ChunkDataset(datasets, config.chunk_size, config.cameras, root=args.root)
     if args.scene_aux > 0:

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+import adamoe
 from policies import VLAPolicy, from_pretrained
 from policies.io import atomic_directory, remove_stale_temporaries
 from policies.vla.configuration_vla import vla_config
@@ -61,6 +62,22 @@ def test_a_flipped_bit_in_the_weights_is_caught_on_load_and_named(policy, tmp_pa
     with pytest.raises(ValueError, match=r"model.safetensors does not match its SHA-256 in manifest.json"):
         from_pretrained(out)
     assert isinstance(from_pretrained(out, verify=False), VLAPolicy)  # the explicit escape hatch
+
+
+def test_a_damaged_weights_file_or_config_is_a_clear_error_naming_the_file(policy, tmp_path):
+    out = policy.save_pretrained(tmp_path / "ckpt")
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated: not a safetensors file any more
+    with pytest.raises(ValueError, match=r"model.safetensors is not a readable safetensors file .* truncated"):
+        from_pretrained(out, verify=False)
+    out = policy.save_pretrained(tmp_path / "ckpt2")
+    (out / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"config.json is not valid JSON .*: the checkpoint is damaged"):
+        from_pretrained(out, verify=False)
+    fisher = adamoe.save_fisher({"w": torch.ones(3)}, tmp_path / "fisher.safetensors")
+    fisher.write_bytes(fisher.read_bytes()[:20])
+    with pytest.raises(ValueError, match=r"fisher.safetensors is not a readable safetensors file"):
+        adamoe.load_fisher(fisher)
 
 
 def test_a_checkpoint_without_a_manifest_still_loads(policy, tmp_path):

@@ -15,11 +15,22 @@ PROBES = {
         ["--checkpoints", "no/such/dir", "--method", "fisher", "--output", "out"],
         ["--checkpoints", "a", "b", "--tasks", "one", "--method", "average", "--output", "out"],
         ["--checkpoints", "a", "--method", "blend", "--output", "out"],
+        [
+            "--checkpoints",
+            "checkpoints/vla-tabletop-base",
+            "checkpoints/vla-tabletop-base",
+            "--method",
+            "average",
+            "--output",
+            "out",
+        ],
     ],
     "train_vla.py": [
         ["--preset", "huge"],
         ["--set", "depth=deep"],
         ["--steps", "many"],
+        ["--set", "expert_widht=64"],
+        ["--suite", "no-such-suite"],
     ],
     "control.py": [
         ["--checkpoint", "no/such/dir"],
@@ -30,6 +41,7 @@ PROBES = {
         ["--suite", "no-such-suite", "--episodes-per-task", "1"],
         ["--episodes-per-task", "0"],
         ["--noise", "-1"],
+        ["--image-size", "0", "--root", "out"],
     ],
     "train_dt.py": [
         ["--dataset", "foo", "--output-dir", "out"],
@@ -86,3 +98,15 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_a_missing_dt_dataset_names_the_task_equals_id_form(tmp_path):
     proc = run_script("train_dt.py", "--dataset", "foo", "--output-dir", tmp_path / "out", check=False)
     assert proc.returncode == 2 and "TASK=MINARI_ID_OR_PATH" in proc.stderr
+
+
+def test_bad_env_options_are_refused_before_collection_starts(tmp_path):
+    proc = run_script("collect.py", "--image-size", "0", "--root", tmp_path / "out", check=False)
+    assert proc.returncode == 2 and "whole pixels in [1, 1024], got 0" in proc.stderr
+    assert "collect:" not in proc.stderr  # no progress bar: nothing was started
+
+
+def test_merging_policies_that_are_not_decision_transformers_says_so():
+    base = "checkpoints/vla-tabletop-base"
+    proc = run_script("merge.py", "--checkpoints", base, base, "--method", "average", "--output", "unused", check=False)
+    assert proc.returncode == 2 and "holds a 'vla' policy, not a Decision Transformer" in proc.stderr

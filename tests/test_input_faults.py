@@ -60,7 +60,14 @@ def test_a_trained_checkpoint_acts_without_the_statistics_warning(observation):
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("expert_noise_std", float("nan")), ("balance_coef", float("nan")), ("num_experts", True), ("top_k", True)],
+    [
+        ("expert_noise_std", float("nan")),
+        ("balance_coef", float("nan")),
+        ("shared_coef", float("nan")),
+        ("routed_coef", float("inf")),
+        ("num_experts", True),
+        ("top_k", True),
+    ],
 )
 def test_moe_config_rejects_nan_and_booleans_by_name(field, value):
     with pytest.raises(ValueError, match=field):
@@ -78,6 +85,8 @@ def test_expert_noise_must_be_finite():
         ({"cameras": "front"}, r"cameras='front' is a string"),
         ({"image_size": "64"}, r"image_size must be a positive integer, got '64'"),
         ({"image_size": 100000}, r"image_size must be at most 1024"),
+        ({"cameras": ("front", "front")}, r"cameras names a camera twice: \('front', 'front'\)"),
+        ({"expert_widht": 64}, r"VLAConfig has no field 'expert_widht' \(did you mean 'expert_width'\?\)"),
     ],
 )
 def test_vla_config_types_and_ranges_are_checked_at_construction(kwargs, message):
@@ -125,3 +134,51 @@ def test_a_decision_transformer_without_state_statistics_warns_once_per_task():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model.get_action(*args)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda o: {k: v for k, v in o.items() if k != "instruction"}, r"observation has no 'instruction'"),
+        (lambda o: {k: v for k, v in o.items() if k != "agent_pos"}, r"observation has no 'agent_pos'"),
+        (lambda o: {**o, "instruction": 5}, r"'instruction' must be a string \(one per env\), got 5"),
+        (lambda o: {**o, "instruction": ["pick", "place"]}, r"2 instructions for a batch of 1 observations"),
+    ],
+)
+def test_an_observation_without_a_usable_instruction_or_state_is_refused_by_name(observation, change, message):
+    policy, obs = observation
+    with pytest.raises(ValueError, match=message):
+        policy.batch_from_observation(change(obs))
+
+
+def test_statistics_missing_a_feature_or_a_statistic_are_refused_by_name():
+    from tests.conftest import TINY_STATS
+
+    policy = VLAPolicy(vla_config("tiny", vision="conv"))
+    with pytest.raises(ValueError, match=r"statistics are missing \['observation.state'\]"):
+        policy.set_normalization({"action": TINY_STATS["action"]})
+    no_std = {**TINY_STATS, "action": {k: v for k, v in TINY_STATS["action"].items() if k != "std"}}
+    with pytest.raises(ValueError, match=r"statistics are missing \['std'\]"):
+        policy.set_normalization(no_std)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"warmup_steps": -1}, "warmup_steps must be >= 0, got -1"),
+        ({"max_minutes": -1.0}, r"max_minutes must be a finite number > 0, or None"),
+        ({"max_minutes": float("nan")}, r"max_minutes must be a finite number > 0, or None"),
+    ],
+)
+def test_training_settings_out_of_range_are_refused_by_name(kwargs, message):
+    from policies.training import TrainConfig
+
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs).validate()
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_a_merge_scale_that_is_not_finite_is_refused(method):
+    weights = {"w": torch.ones(3)}
+    with pytest.raises(ValueError, match="scale must be a finite number, got nan"):
+        adamoe.merge([weights, weights], method, base=weights, scale=float("nan"))

@@ -110,7 +110,10 @@ def train_specialist(
 
 def specialist_task(directory: str | os.PathLike) -> str:
     """The task a specialist checkpoint was fine-tuned on (its config's ``role``)."""
-    role = read_config(directory).get("role", "")
+    config = read_config(directory)
+    if config["type"] != DecisionTransformer.policy_type:
+        raise ValueError(f"{directory} holds a {config['type']!r} policy, not a Decision Transformer")
+    role = config.get("role", "")
     if not role.startswith("specialist:"):
         raise ValueError(f"{directory} is not a specialist checkpoint (role {role!r}); pass --tasks to name its task")
     return role.split(":", 1)[1]

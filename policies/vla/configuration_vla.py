@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import ast
-from dataclasses import dataclass, field
+import difflib
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from adamoe import MoAConfig, MoEConfig
@@ -140,6 +141,8 @@ class VLAConfig(JSONConfig):
     def validate(self) -> None:
         if isinstance(self.cameras, str) or not self.cameras:
             raise ValueError(f"cameras must be a non-empty tuple of camera names, got {self.cameras!r}")
+        if len(set(self.cameras)) != len(self.cameras):
+            raise ValueError(f"cameras names a camera twice: {self.cameras!r}; name each once")
         positive = (
             "image_size",
             "state_dim",
@@ -296,6 +299,12 @@ def vla_config(preset: str = "small", **overrides: Any) -> VLAConfig:
     """A config from a named preset, with any field overridden."""
     if preset not in PRESETS:
         raise ValueError(f"unknown VLA preset {preset!r}; valid presets are {sorted(PRESETS)}")
+    known = {f.name for f in fields(VLAConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        close = {name: difflib.get_close_matches(name, known, n=1) for name in unknown}
+        hints = ", ".join(f"{name!r}" + (f" (did you mean {c[0]!r}?)" if c else "") for name, c in close.items())
+        raise ValueError(f"VLAConfig has no field {hints}; see policies/vla/configuration_vla.py for the fields")
     return VLAConfig(**{**PRESETS[preset], **overrides, "preset": preset})
 
 

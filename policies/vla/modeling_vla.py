@@ -85,6 +85,12 @@ class VLAPolicy(PretrainedPolicy):
         """Statistics from the training data: ``{OBS_STATE: {...}, ACTION: {...}}``
         (and ``observation.environment_state`` for the scene encoder's targets). ``scene=False``
         keeps the scene encoder's target statistics: a trained encoder's outputs are in them."""
+        needed = [OBS_STATE, ACTION, *([OBS_ENV_STATE] if self.config.scene_aux_dim else [])]
+        missing = [key for key in needed if key not in stats]
+        if missing:
+            raise ValueError(
+                f"statistics are missing {missing}; they hold {sorted(stats)} (ChunkDataset.stats() has all)"
+            )
         self.state_norm.fit(stats[OBS_STATE])
         self.action_norm.fit(stats[ACTION])
         if self.config.scene_aux_dim:
@@ -238,6 +244,9 @@ class VLAPolicy(PretrainedPolicy):
         """A Gymnasium observation (one env, or stacked by a vector env) as a batch."""
         if "pixels" not in obs:
             raise ValueError(f"observation has no 'pixels'; the VLA needs cameras {list(self.config.cameras)}")
+        for key in ("agent_pos", "instruction"):
+            if key not in obs:
+                raise ValueError(f"observation has no {key!r}; it has {sorted(obs)} (the tabletop envs' contract)")
         state = np.asarray(obs["agent_pos"], dtype=np.float32)
         single = state.ndim == 1
         batch: dict[str, Any] = {OBS_STATE: torch.from_numpy(np.atleast_2d(state))}
@@ -256,7 +265,15 @@ class VLAPolicy(PretrainedPolicy):
                 )
             batch[image_key(camera)] = torch.from_numpy(image).permute(0, 3, 1, 2).float() / 255.0
         instruction = obs["instruction"]
-        batch["task"] = [instruction] if isinstance(instruction, str) else list(instruction)
+        tasks = [instruction] if isinstance(instruction, str) else instruction
+        if isinstance(tasks, np.ndarray):
+            tasks = tasks.tolist()
+        if not isinstance(tasks, (list, tuple)) or not all(isinstance(t, str) for t in tasks):
+            raise ValueError(f"observation 'instruction' must be a string (one per env), got {instruction!r}")
+        rows = batch[OBS_STATE].shape[0]
+        if len(tasks) != rows:
+            raise ValueError(f"{len(tasks)} instructions for a batch of {rows} observations; give one per observation")
+        batch["task"] = list(tasks)
         return batch
 
     # -- training -----------------------------------------------------------------
