@@ -30,16 +30,26 @@ DEFAULT_ROOT = Path("outputs") / "datasets"
 TMP_PREFIX = ".tmp-"
 
 
+def _host() -> str:
+    """This host and PID namespace (``<hostname>.<namespace>``): a PID names the same process
+    only within both. (``policies.io`` stamps checkpoints' temporaries the same way.)"""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # no /proc: one namespace per host
+        namespace = 0
+    return f"{socket.gethostname().replace('-', '_')}.{namespace}"
+
+
 def _owner() -> str:
     """This host and process, in every temporary's name (``.tmp-<name>-<host>-<pid>-<random>``)."""
-    return f"{socket.gethostname().replace('-', '_')}-{os.getpid()}"
+    return f"{_host()}-{os.getpid()}"
 
 
 def _abandoned(path: Path) -> bool:
-    """A temporary written by a process of this host that no longer runs; a name without
-    an owner is never judged (it may be another tool's)."""
+    """A temporary written by a process of this host and PID namespace that no longer runs;
+    a name without such an owner is never judged (another container's, another tool's)."""
     parts = path.name.split("-")
-    if len(parts) < 4 or not parts[-2].isdigit() or parts[-3] != _owner().rsplit("-", 1)[0]:
+    if len(parts) < 4 or not parts[-2].isdigit() or parts[-3] != _host():
         return False
     try:
         os.kill(int(parts[-2]), 0)

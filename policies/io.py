@@ -61,9 +61,19 @@ def write_json(path: str | os.PathLike, data: Any, indent: int = 2) -> Path:
     return write_text(path, json.dumps(data, indent=indent) + "\n")
 
 
+def _host() -> str:
+    """This host and PID namespace: a PID names the same process only within both (two
+    containers may share a hostname, each with its own PIDs). ``<hostname>.<namespace>``."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:  # no /proc: one namespace per host
+        namespace = 0
+    return f"{socket.gethostname().replace('-', '_')}.{namespace}"
+
+
 def _stamp() -> str:
-    """Who writes a temporary: this host and process (a stale one can be told apart)."""
-    return f"{socket.gethostname().replace('-', '_')}-{os.getpid()}"
+    """Who writes a temporary: this host, PID namespace and process (a stale one can be told apart)."""
+    return f"{_host()}-{os.getpid()}"
 
 
 def _process_alive(pid: int) -> bool:
@@ -78,10 +88,11 @@ def _process_alive(pid: int) -> bool:
 
 def remove_stale_temporaries(final: str | os.PathLike) -> list[Path]:
     """Remove the temporaries of ``final`` that killed processes of this host left behind:
-    only names this module stamped with this host whose process no longer runs, so another
-    run's write in progress is never touched. Returns what was removed."""
+    only names this module stamped with this host and PID namespace whose process no longer
+    runs, so another run's write in progress (another container's included) is never
+    touched. Returns what was removed."""
     final = Path(final)
-    prefix, host = f".tmp-{final.name}-", _stamp().rsplit("-", 1)[0]
+    prefix, host = f".tmp-{final.name}-", _host()
     removed = []
     for path in final.parent.glob(f"{prefix}*") if final.parent.is_dir() else ():
         parts = path.name[len(prefix) :].split("-")  # [old-]host-pid-random

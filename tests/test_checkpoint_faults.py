@@ -101,20 +101,28 @@ def _dead_pid() -> int:
     return child.pid
 
 
+def this_host() -> tuple[str, str]:
+    """How temporaries name this host and PID namespace, and the same hostname in another
+    PID namespace (another container), where the same PID is another process."""
+    hostname = socket.gethostname().replace("-", "_")
+    return f"{hostname}.{os.stat('/proc/self/ns/pid').st_ino}", f"{hostname}.1"
+
+
 def test_only_temporaries_of_dead_processes_on_this_host_are_cleaned(tmp_path):
-    host = socket.gethostname().replace("-", "_")
+    host, other_namespace = this_host()
     dead, alive = _dead_pid(), os.getpid()
     stale = tmp_path / f".tmp-ckpt-{host}-{dead}-0123abcd"
     stale_old = tmp_path / f".tmp-ckpt-old-{host}-{dead}-0123abce"
     running = tmp_path / f".tmp-ckpt-{host}-{alive}-0123abcf"
     elsewhere = tmp_path / f".tmp-ckpt-otherhost-{dead}-0123abd0"
     other_name = tmp_path / f".tmp-ckpt2-{host}-{dead}-0123abd1"
+    container = tmp_path / f".tmp-ckpt-{other_namespace}-{dead}-0123abd2"  # its PID means nothing here
     (tmp_path / "ckpt").mkdir()  # the swap completed: the set-aside old copy is garbage
-    for path in (stale, stale_old, running, elsewhere, other_name):
+    for path in (stale, stale_old, running, elsewhere, other_name, container):
         path.mkdir()
     removed = remove_stale_temporaries(tmp_path / "ckpt")
     assert sorted(removed) == sorted([stale, stale_old])
-    assert running.exists() and elsewhere.exists() and other_name.exists()
+    assert running.exists() and elsewhere.exists() and other_name.exists() and container.exists()
 
 
 def test_an_interrupted_directory_write_leaves_a_stamped_temporary_that_the_next_write_clears(tmp_path):
@@ -134,7 +142,7 @@ def test_an_interrupted_directory_write_leaves_a_stamped_temporary_that_the_next
 
 
 def test_a_save_killed_between_its_two_renames_gets_the_old_checkpoint_back(tmp_path):
-    host = socket.gethostname().replace("-", "_")
+    host, _ = this_host()
     old = tmp_path / f".tmp-ckpt-old-{host}-{_dead_pid()}-0123abcd"  # the previous checkpoint, set aside
     old.mkdir()
     (old / "config.json").write_text("{}")

@@ -127,16 +127,18 @@ def test_stale_temporary_directories_are_invisible_and_only_abandoned_ones_are_c
 
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
-    host, folder = socket.gethostname().replace("-", "_"), tmp_path / "tabletop" / "pick-red"
+    hostname, folder = socket.gethostname().replace("-", "_"), tmp_path / "tabletop" / "pick-red"
+    host = f"{hostname}.{os.stat('/proc/self/ns/pid').st_ino}"  # this host and PID namespace
     stale = folder / f".tmp-demos-v0-{host}-{child.pid}-deadbeef" / "data"
     in_progress = folder / f".tmp-demos-v0-{host}-{os.getpid()}-cafebabe" / "data"  # a live writer's
     elsewhere = folder / f".tmp-demos-v0-otherhost-{child.pid}-feedface" / "data"
-    for path in (stale, in_progress, elsewhere):
+    container = folder / f".tmp-demos-v0-{hostname}.1-{child.pid}-0ddba11" / "data"  # same hostname, other PIDs
+    for path in (stale, in_progress, elsewhere, container):
         path.mkdir(parents=True)
         (path / "metadata.json").write_text("{}")
     assert datasets.list_datasets(tmp_path) == []
     assert datasets.remove_stale_tmp(tmp_path) == 1
-    assert not stale.exists() and in_progress.exists() and elsewhere.exists()
+    assert not stale.exists() and in_progress.exists() and elsewhere.exists() and container.exists()
 
 
 def test_loading_a_missing_dataset_names_it_and_lists_local_ones(collected):
