@@ -37,6 +37,8 @@ def section_main(run: Callable[..., Rows], description: str | None, argv: list[s
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.json is not None and args.json.is_dir():
+        p.error(f"--json {args.json} is a folder; give the path of the file to write")
     rows = run(repeats=args.repeats, quick=args.quick)
     if args.json is not None:
         write_json(args.json, rows)

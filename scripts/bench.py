@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer steps per repeat (for a smoke test)")
     p.add_argument("--output-dir", default="outputs/bench")
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be >= 1, got {args.repeats}")
     rows: list[dict] = []
     start = time.perf_counter()
     for section in args.only:

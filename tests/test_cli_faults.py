@@ -3,6 +3,9 @@ never a traceback (``--debug`` shows one), and refuses before doing any work."""
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
@@ -60,11 +63,39 @@ PROBES = {
     ],
     "experiment.py": [
         ["--variants", "bogus", "--output-dir", "out"],
+        ["--seeds", "-1", "--output-dir", "out"],
+        ["--eval-episodes", "0", "--output-dir", "out"],
     ],
     "dt_merge.py": [
         ["--seeds", "-1", "--output-dir", "out"],
+        ["--fisher-samples", "0", "--output-dir", "out"],
+        ["--tasks", "FlyToTheMoon", "--output-dir", "out"],
+    ],
+    "pretrain.py": [
+        ["--steps", "0", "--output-dir", "out"],
+        ["--suite", "no-such-suite", "--output-dir", "out"],
+        ["--set", "expert_widht=64", "--output-dir", "out"],
+    ],
+    "families.py": [
+        ["--variants", "bogus", "--output-dir", "out"],
+        ["--eval-episodes", "0", "--output-dir", "out"],
+        ["--suite", "no-such-suite", "--output-dir", "out"],
+    ],
+    "bam.py": [
+        ["--groups", "one=ReachRed", "--output-dir", "out"],
+        ["--groups", "a=ReachPurple", "b=PickRed", "--output-dir", "out"],
+        ["--groups", "a", "b=PickRed", "--output-dir", "out"],
+    ],
+    "bench.py": [
+        ["--only", "nothing"],
+        ["--repeats", "0"],
+        ["--repeats", "many"],
     ],
 }
+# Every benchmark section parses its command line with policies.benchmark.section_main
+# (three bad inputs in-process below); each section is run once to show it does.
+for section in ("control", "envs", "fisher", "moe", "perception", "vla"):
+    PROBES[f"bench_{section}.py"] = [["--repeats", "0"]]
 if not CUDA:
     PROBES["train_vla.py"].append(["--device", "cuda"])
     PROBES["evaluate_vla.py"].append(["--checkpoint", "checkpoints/vla-tabletop-base", "--device", "cuda"])
@@ -72,10 +103,23 @@ if not CUDA:
 CASES = [(script, args) for script, probes in PROBES.items() for args in probes]
 
 
-@pytest.mark.parametrize(("script", "args"), CASES, ids=[f"{s}:{' '.join(a)}" for s, a in CASES])
-def test_bad_input_is_one_error_line_and_exit_status_2(script, args, tmp_path):
-    args = [str(tmp_path / "out") if a == "out" else a for a in args]  # nothing lands in the repository
-    proc = run_script(script, *args, check=False)
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    """Every case run as a user runs it, two processes at a time (each is mostly start-up)."""
+    root = tmp_path_factory.mktemp("cli")
+
+    def run(index: int):
+        script, args = CASES[index]
+        args = [str(root / str(index)) if a == "out" else a for a in args]  # nothing lands in the repository
+        return run_script(script, *args, check=False)
+
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
+        return list(pool.map(run, range(len(CASES))))
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{s}:{' '.join(a)}" for s, a in CASES])
+def test_bad_input_is_one_error_line_and_exit_status_2(index, outcomes):
+    proc = outcomes[index]
     lines = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(lines) == 1, proc.stderr[-2000:]
@@ -110,3 +154,23 @@ def test_merging_policies_that_are_not_decision_transformers_says_so():
     base = "checkpoints/vla-tabletop-base"
     proc = run_script("merge.py", "--checkpoints", base, base, "--method", "average", "--output", "unused", check=False)
     assert proc.returncode == 2 and "holds a 'vla' policy, not a Decision Transformer" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--repeats", "0"], "--repeats must be >= 1, got 0"),
+        (["--repeats", "many"], "invalid int value: 'many'"),
+        (["--json", "FOLDER"], "is a folder; give the path of the file to write"),
+    ],
+)
+def test_a_benchmark_section_refuses_bad_flags_before_measuring(argv, message, tmp_path, capsys):
+    from policies.benchmark import section_main
+
+    ran = []
+    argv = [str(tmp_path) if a == "FOLDER" else a for a in argv]
+    with pytest.raises(SystemExit) as exit_:
+        section_main(lambda **kw: ran.append(kw) or [], "a section", argv)
+    assert exit_.value.code == 2 and not ran
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and message in lines[0]
