@@ -13,7 +13,7 @@ from envs.locomotion import LOCOMOTION, get_locomotion, make_locomotion_env, nor
 from envs.meta_world import METAWORLD_INSTRUCTIONS, MT10, MetaWorldEnv  # noqa: E402
 from envs.registration import SUITES, make_expert, make_vector_env, register_envs, resolve_env_ids, suite  # noqa: E402
 from envs.tabletop import CAMERAS, TabletopEnv  # noqa: E402
-from envs.tasks import TASK_LIST, TASKS, SceneState, Task, get_task  # noqa: E402
+from envs.tasks import LONG_TASK_LIST, TASK_LIST, TASKS, LongTask, SceneState, Task, get_task  # noqa: E402
 
 register_envs()
 
@@ -23,6 +23,8 @@ __all__ = [
     "METAWORLD_INSTRUCTIONS",
     "MT10",
     "SUITES",
+    "LONG_TASK_LIST",
+    "LongTask",
     "TASKS",
     "TASK_LIST",
     "MetaWorldEnv",

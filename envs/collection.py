@@ -109,6 +109,29 @@ def run_episode(
     return Episode(buffer, metadata, info.get("termination_reason"))
 
 
+def expert_success(env_id: str, episodes: int, first_seed: int = 100_000, noise: float = 0.0) -> dict[str, Any]:
+    """The scripted expert on ``episodes`` scenes (seeds ``first_seed``...; the default
+    block is the evaluation seeds', never a demonstration's): per episode its success,
+    the stages it left done, and why it ended."""
+    env = gym.make(env_id, cameras=())
+    expert = make_expert(env_id, noise=noise, seed=first_seed)
+    out: dict[str, list] = {"success": [], "stages_done": [], "termination_reason": []}
+    try:
+        for seed in range(first_seed, first_seed + episodes):
+            obs, info = env.reset(seed=seed)
+            expert.reset()
+            done = False
+            while not done:
+                obs, _, terminated, truncated, info = env.step(expert.act(obs))
+                done = terminated or truncated
+            out["success"].append(bool(info["is_success"]))
+            out["stages_done"].append(int(info["stages_done"]))
+            out["termination_reason"].append(info["termination_reason"])
+    finally:
+        env.close()
+    return {"env_id": env_id, "num_stages": int(info["num_stages"]), "first_seed": first_seed, **out}
+
+
 def collect(
     env_id: str,
     seeds: list[int],
@@ -195,17 +218,20 @@ def scene_seed(job_seed: int, task_index: int, level: int, index: int) -> int:
 
 
 def task_index(env_id: str) -> int:
-    """``env_id``'s position in its suite (``tabletop`` or ``metaworld``), its index in
-    :func:`scene_seed`.
+    """``env_id``'s index in :func:`scene_seed`: its position among the tabletop tasks (the
+    ``tabletop`` suite, then ``tabletop-long``) or in the ``metaworld`` suite.
 
     Not its position in the job: a rerun that collects only the missing tasks (``make
     demo`` does) must give each task the scenes a full run would have given it.
     """
 
-    for name in ("tabletop", "metaworld"):
-        if env_id in SUITES[name]:
-            return SUITES[name].index(env_id)
-    raise ValueError(f"no scene seeds for {env_id!r}; valid ids are those of the tabletop and metaworld suites")
+    for names in (("tabletop", "tabletop-long"), ("metaworld",)):
+        ids = [e for name in names for e in SUITES[name]]
+        if env_id in ids:
+            return ids.index(env_id)
+    raise ValueError(
+        f"no scene seeds for {env_id!r}; valid ids are those of the tabletop, tabletop-long and metaworld suites"
+    )
 
 
 def dataset_id_for(env_id: str, name: str = "demos") -> str:

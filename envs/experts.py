@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from envs.tabletop import ACTION_SCALE
-from envs.tasks import CUBE_HALF, SceneState, Task
+from envs.tasks import CUBE_HALF, LongTask, SceneState, Task
 
 OPEN, CLOSE = -1.0, 1.0
 SAFE_HEIGHT = 0.09  # grip height for moving across the table: fingertips clear every cube
@@ -209,3 +209,46 @@ class TabletopExpert(ScriptedExpert):
 
 def held_lift(s: SceneState) -> np.ndarray:
     return np.array([*s.grip[:2], 0.15])
+
+
+class LongTaskExpert(ScriptedExpert):
+    """One :class:`TabletopExpert` per stage, each taking over when the stages before it
+    hold; a stage undone later (a placed cube knocked off its pad) is done again."""
+
+    def __init__(self, task: LongTask, noise: float = 0.0, random_action_prob: float = 0.0, seed: int | None = None):
+        self.task = task
+        self.experts = [TabletopExpert(stage) for stage in task.stages]  # clean: the noise is added once, here
+        super().__init__(noise, random_action_prob, seed)
+        self.reset()
+
+    def reset(self, seed: int | None = None) -> None:
+        super().reset(seed)
+        self.stage, self.clearing, self.gripper = 0, False, OPEN
+        for expert in self.experts:
+            expert.reset()
+
+    def _clean_action(self, obs: dict) -> np.ndarray:
+        s = SceneState.from_observation(obs)
+        stage = min(self.task.stages_done(s), len(self.experts) - 1)
+        if stage != self.stage:
+            # A stage just came to hold (or one before it was undone): first rise straight
+            # up from where the last stage left the hand, so that moving on does not drag
+            # the cube it just let go of.
+            self.stage, self.clearing = stage, True
+            self.experts[stage].reset()
+        if self.clearing:
+            if s.grip[2] < SAFE_HEIGHT:
+                return move_towards(s.grip, self._clear_of(s), self.gripper)
+            self.clearing = False
+        action = self.experts[stage]._clean_action(obs)
+        self.gripper = float(action[3])
+        return action
+
+    def _clear_of(self, s: SceneState) -> np.ndarray:
+        """Up, and 2 cm back from the cube the last stage moved (the hand trails the
+        commanded position: holding still would carry a pushed cube past its pad)."""
+        cube = s.cubes[self.task.stages[max(self.stage - 1, 0)].cube]
+        away = s.grip[:2] - cube[:2]
+        norm = float(np.linalg.norm(away))
+        back = away / norm * 0.02 if norm > 0.005 else np.zeros(2)
+        return np.array([*(s.grip[:2] + back), SAFE_HEIGHT + 0.02])

@@ -1,7 +1,8 @@
 """Gymnasium ids, suites and vector envs for every env of the project.
 
 ``import envs`` registers:
-- ``adamoe/Tabletop-<Task>-v0`` for each built-in tabletop task;
+- ``adamoe/Tabletop-<Task>-v0`` for each built-in tabletop task: the twelve of the
+  ``tabletop`` suite and the seven of ``tabletop-long`` (long-horizon and unseen pairings);
 - ``adamoe/MetaWorld-<task-name>`` for each Meta-World v3 task (``adamoe/MetaWorld-reach-v3``),
   registered even when Meta-World is not installed, so asking for one says how to install it.
 """
@@ -12,14 +13,14 @@ from collections.abc import Callable, Sequence
 
 import gymnasium as gym
 
-from envs.experts import TabletopExpert
+from envs.experts import LongTaskExpert, TabletopExpert
 from envs.ids import METAWORLD_PREFIX, TABLETOP_PREFIX, is_metaworld, is_tabletop, metaworld_id, task_name
 from envs.meta_world import METAWORLD_INSTRUCTIONS, MT10, MetaWorldExpert
-from envs.tasks import TASK_LIST, get_task
+from envs.tasks import LONG_TASK_LIST, TASK_LIST, LongTask, get_task
 
 
 def register_envs() -> None:
-    for task in TASK_LIST:
+    for task in (*TASK_LIST, *LONG_TASK_LIST):
         if task.env_id not in gym.registry:
             gym.register(
                 id=task.env_id,
@@ -40,6 +41,7 @@ def register_envs() -> None:
 
 SUITES: dict[str, tuple[str, ...]] = {
     "tabletop": tuple(task.env_id for task in TASK_LIST),
+    "tabletop-long": tuple(task.env_id for task in LONG_TASK_LIST),
     "mt10": tuple(metaworld_id(name) for name in MT10),
     "metaworld": tuple(metaworld_id(name) for name in METAWORLD_INSTRUCTIONS),
 }
@@ -102,7 +104,9 @@ def _maker(env_id: str, kwargs: dict) -> Callable[[], gym.Env]:
 def make_expert(env_id: str, noise: float = 0.0, random_action_prob: float = 0.0, seed: int | None = None):
     """The scripted expert for a registered env id (tabletop or Meta-World)."""
     if is_tabletop(env_id):
-        return TabletopExpert(get_task(task_name(env_id)), noise, random_action_prob, seed)
+        task = get_task(task_name(env_id))
+        expert = LongTaskExpert if isinstance(task, LongTask) else TabletopExpert
+        return expert(task, noise, random_action_prob, seed)
     if is_metaworld(env_id):
         return MetaWorldExpert(task_name(env_id), noise, random_action_prob, seed)
     raise ValueError(

@@ -19,6 +19,7 @@ from envs.tasks import (
     INSTRUCTION_SPLITS,
     PADS,
     STATE_DIM,
+    LongTask,
     SceneState,
     Task,
     get_task,
@@ -75,7 +76,7 @@ class TabletopEnv(gym.Env):
 
     def __init__(
         self,
-        task: str | Task,
+        task: str | Task | LongTask,
         cameras: tuple[str, ...] | list[str] = CAMERAS,
         image_size: int | tuple[int, int] = 64,
         instruction_split: str = "train",
@@ -83,7 +84,7 @@ class TabletopEnv(gym.Env):
         render_mode: str | None = None,
         render_size: int | tuple[int, int] = 256,
     ) -> None:
-        self.task = task if isinstance(task, Task) else get_task(task)
+        self.task = task if isinstance(task, (Task, LongTask)) else get_task(task)
         if instruction_split not in INSTRUCTION_SPLITS:
             raise ValueError(f"instruction_split={instruction_split!r}; valid: {INSTRUCTION_SPLITS}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
@@ -223,7 +224,13 @@ class TabletopEnv(gym.Env):
     def _info(self, state: SceneState, success: bool | None = None) -> dict[str, Any]:
         if success is None:
             success = self.task.success(state)
-        return {"is_success": bool(success), "instruction": self.instruction, "task": self.task.name}
+        return {
+            "is_success": bool(success),
+            "instruction": self.instruction,
+            "task": self.task.name,
+            "stages_done": self.task.stages_done(state),  # long tasks: the stages that hold, in order
+            "num_stages": len(self.task.stages),
+        }
 
     # -- rendering ----------------------------------------------------------------
 

@@ -8,6 +8,7 @@ shaped progress are pure functions of a :class:`SceneState`.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,15 +82,10 @@ def _closeness(distance: float, scale: float) -> float:
     return float(1.0 - np.tanh(distance / scale))
 
 
-@dataclass(frozen=True)
-class Task:
-    """A goal in the shared scene. ``target`` is a pad colour (push, place) or a cube colour (stack)."""
+class _Named:
+    """The names every tabletop task has, from its CamelCase ``name``."""
 
-    name: str  # CamelCase, as in the env id adamoe/Tabletop-<name>-v0
-    family: str
-    cube: str
-    target: str | None
-    max_episode_steps: int
+    name: str
 
     @property
     def slug(self) -> str:
@@ -102,6 +98,26 @@ class Task:
     @property
     def env_id(self) -> str:
         return tabletop_id(self.name)
+
+
+@dataclass(frozen=True)
+class Task(_Named):
+    """A goal in the shared scene. ``target`` is a pad colour (push, place) or a cube colour (stack)."""
+
+    name: str  # CamelCase, as in the env id adamoe/Tabletop-<name>-v0
+    family: str
+    cube: str
+    target: str | None
+    max_episode_steps: int
+
+    @property
+    def stages(self) -> tuple[Task, ...]:
+        """A one-stage task is its own only stage (:class:`LongTask` has several)."""
+        return (self,)
+
+    def stages_done(self, s: SceneState) -> int:
+        """How many stages hold, in order: 1 when solved, else 0."""
+        return int(self.success(s))
 
     def instructions(self, split: str = "train") -> tuple[str, ...]:
         """The paraphrases of this task's instruction; ``split`` is ``train`` or ``heldout``."""
@@ -223,11 +239,99 @@ TASK_LIST: tuple[Task, ...] = (
 TASKS: dict[str, Task] = {t.name: t for t in TASK_LIST}
 
 
-def get_task(name: str) -> Task:
-    """Look a task up by its name (``PickRed``) or slug (``pick-red``)."""
-    if name in TASKS:
-        return TASKS[name]
-    for task in TASK_LIST:
+# -- long-horizon tasks -------------------------------------------------------------------
+
+# Short phrases for the stages of a long task, so that a whole instruction fits the 16 words
+# a VLA reads (``VLAConfig.max_words``): the colours name the cubes and pads unambiguously.
+# As in TEMPLATES, the last phrase of each family and the last connector are held out.
+STAGE_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "push": ("push {cube} to {target}", "slide {cube} onto {target}", "nudge {cube} over to {target}"),
+    "place": ("put {cube} on {target}", "place {cube} onto {target}", "carry {cube} over to {target}"),
+    "stack": ("stack {cube} on {target}", "set {cube} atop {target}", "rest {cube} upon {target}"),
+    "pick": ("pick up {cube}", "lift {cube}", "raise {cube} up"),
+}
+CONNECTORS = ("then", "and then", "afterwards")
+MAX_INSTRUCTION_WORDS = 16
+
+
+@dataclass(frozen=True)
+class LongTask(_Named):
+    """Base skills done in order (LIBERO-Long style): solved when every stage's goal holds
+    at the same time, at the end. ``stages_done`` counts the stages that hold, in order,
+    and ``progress`` is ``(stages done + the next stage's progress) / stages``."""
+
+    name: str
+    stages: tuple[Task, ...]
+
+    family = "long"
+
+    def __post_init__(self) -> None:
+        if len(self.stages) < 2:
+            raise ValueError(f"a long task has at least 2 stages, {self.name} has {len(self.stages)}")
+        for stage in self.stages:
+            if stage.family not in STAGE_TEMPLATES:
+                raise ValueError(f"{stage.family!r} is not a stage family; valid: {sorted(STAGE_TEMPLATES)}")
+
+    @property
+    def max_episode_steps(self) -> int:
+        return sum(stage.max_episode_steps for stage in self.stages)
+
+    def instructions(self, split: str = "train") -> tuple[str, ...]:
+        """Every combination of the stages' phrases and connectors of ``split``."""
+        if split not in INSTRUCTION_SPLITS:
+            raise ValueError(f"instruction split {split!r} is not one of {INSTRUCTION_SPLITS}")
+        pick = (lambda options: options[:-1]) if split == "train" else (lambda options: options[-1:])
+        phrases = [
+            [t.format(cube=stage.cube, target=stage.target) for t in pick(STAGE_TEMPLATES[stage.family])]
+            for stage in self.stages
+        ]
+        out = []
+        for connector in pick(CONNECTORS):
+            for combination in itertools.product(*phrases):
+                out.append(f" {connector} ".join(combination))
+        return tuple(out)
+
+    def stages_done(self, s: SceneState) -> int:
+        done = 0
+        for stage in self.stages:
+            if not stage.success(s):
+                break
+            done += 1
+        return done
+
+    def success(self, s: SceneState) -> bool:
+        return self.stages_done(s) == len(self.stages)
+
+    def progress(self, s: SceneState) -> float:
+        done = self.stages_done(s)
+        if done == len(self.stages):
+            return 1.0
+        return (done + self.stages[done].progress(s)) / len(self.stages)
+
+
+def _long(*stages: Task) -> LongTask:
+    return LongTask("Then".join(stage.name for stage in stages), tuple(stages))
+
+
+# The fine-tuning suite (``tabletop-long``): long-horizon compositions of the base skills,
+# and base skills on cube-pad or cube-cube pairings that no base task uses.
+LONG_TASK_LIST: tuple[Task | LongTask, ...] = (
+    _long(_task("place", "red", "yellow"), _task("stack", "green", "red")),
+    _long(_task("push", "green", "yellow"), _task("pick", "blue")),
+    _long(_task("place", "blue", "purple"), _task("place", "red", "yellow")),
+    _long(_task("place", "red", "yellow"), _task("place", "blue", "purple"), _task("stack", "green", "blue")),
+    _task("push", "blue", "yellow"),
+    _task("place", "green", "purple"),
+    _task("stack", "green", "blue"),
+)
+ALL_TASKS: dict[str, Task | LongTask] = {t.name: t for t in (*TASK_LIST, *LONG_TASK_LIST)}
+
+
+def get_task(name: str) -> Task | LongTask:
+    """Look a task up by its name (``PickRed``) or slug (``pick-red``), base or long."""
+    if name in ALL_TASKS:
+        return ALL_TASKS[name]
+    for task in ALL_TASKS.values():
         if task.slug == name:
             return task
-    raise ValueError(f"unknown tabletop task {name!r}; valid tasks are {sorted(TASKS)}")
+    raise ValueError(f"unknown tabletop task {name!r}; valid tasks are {sorted(ALL_TASKS)}")

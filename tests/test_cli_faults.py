@@ -86,6 +86,11 @@ PROBES = {
         ["--groups", "a=ReachPurple", "b=PickRed", "--output-dir", "out"],
         ["--groups", "a", "b=PickRed", "--output-dir", "out"],
     ],
+    "experts.py": [
+        ["--episodes", "0", "--output-dir", "out"],
+        ["--suite", "no-such-suite", "--output-dir", "out"],
+        ["--first-seed", "-1", "--output-dir", "out"],
+    ],
     "bench.py": [
         ["--only", "nothing"],
         ["--repeats", "0"],
