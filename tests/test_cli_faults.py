@@ -97,10 +97,8 @@ PROBES = {
         ["--repeats", "many"],
     ],
 }
-# Every benchmark section parses its command line with policies.benchmark.section_main
-# (three bad inputs in-process below); each section is run once to show it does.
-for section in ("control", "envs", "fisher", "moe", "perception", "vla"):
-    PROBES[f"bench_{section}.py"] = [["--repeats", "0"]]
+for section in ("control", "envs", "fisher", "moe", "perception", "vla"):  # each refuses before measuring
+    PROBES[f"bench_{section}.py"] = [["--repeats", "0"], ["--repeats", "many"], ["--json", "."]]
 if not CUDA:
     PROBES["train_vla.py"].append(["--device", "cuda"])
     PROBES["evaluate_vla.py"].append(["--checkpoint", "checkpoints/vla-tabletop-base", "--device", "cuda"])
