@@ -58,6 +58,10 @@ def rollout_wave(
     returns, lengths = np.zeros(venv.num_envs), np.zeros(venv.num_envs, dtype=int)
     max_reward = np.full(venv.num_envs, -np.inf)
     success, done = np.zeros(venv.num_envs, dtype=bool), np.zeros(venv.num_envs, dtype=bool)
+    # Long tasks (and every tabletop task) report the stages that hold: at the end, and the most reached.
+    staged = "stages_done" in info
+    stages, best = np.zeros(venv.num_envs, dtype=int), np.zeros(venv.num_envs, dtype=int)
+    num_stages = np.asarray(info["num_stages"], dtype=int) if staged else None
     done[n:] = True
     instructions = list(obs["instruction"])
     frames = [venv.envs[0].render()] if record else []
@@ -69,6 +73,10 @@ def rollout_wave(
         max_reward[live] = np.maximum(max_reward[live], reward[live])
         lengths[live] += 1
         success[live] |= np.asarray(info["is_success"], dtype=bool)[live]
+        if staged:
+            now = np.asarray(info["stages_done"], dtype=int)
+            stages[live] = now[live]
+            best[live] = np.maximum(best[live], now[live])
         if record and not done[0]:
             frames.append(venv.envs[0].render())
         done |= terminated | truncated
@@ -82,6 +90,11 @@ def rollout_wave(
             # LeRobot's names for the same episode (eval_info.json reads in its tools).
             "sum_reward": float(returns[i]),
             "max_reward": float(max_reward[i]),
+            **(
+                {"stages_done": int(stages[i]), "max_stages_done": int(best[i]), "num_stages": int(num_stages[i])}
+                if staged
+                else {}
+            ),
         }
         for i in range(n)
     ]
@@ -161,6 +174,8 @@ def _aggregate(episodes: list[dict[str, Any]]) -> dict[str, Any]:
     out["pc_success"] = 100 * out["success_rate"]
     out["avg_sum_reward"] = out["mean_return"]
     out["avg_max_reward"] = mean("max_reward") if all("max_reward" in e for e in episodes) else None
+    if episodes and all("stages_done" in e for e in episodes):  # the share of stages that hold at the end
+        out["stage_progress"] = float(np.mean([e["stages_done"] / e["num_stages"] for e in episodes]))
     return out
 
 

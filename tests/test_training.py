@@ -247,6 +247,47 @@ def test_heldout_evaluation_uses_the_heldout_phrasing(dataset, tmp_path):
     assert result["per_episode"][0]["instruction"] in envs.TASKS["ReachRed"].instructions("heldout")
 
 
+class ExpertPolicy:
+    """The scripted expert behind the policy API, one per env of a vector env."""
+
+    training = False
+
+    def __init__(self, env_id: str, num_envs: int) -> None:
+        import types
+
+        import envs
+
+        self.experts = [envs.make_expert(env_id) for _ in range(num_envs)]
+        self.config = types.SimpleNamespace(cameras=(), image_size=64)  # state-only observations
+
+    def eval(self) -> None:
+        pass
+
+    def train(self, mode: bool = True) -> None:
+        pass
+
+    def reset(self) -> None:
+        for expert in self.experts:
+            expert.reset()
+
+    def select_action(self, obs):
+        rows = [{k: v[i] for k, v in obs.items()} for i in range(len(self.experts))]
+        return np.stack([e.act(row) for e, row in zip(self.experts, rows, strict=True)])
+
+
+def test_evaluation_records_the_stages_each_long_task_episode_reached(tmp_path):
+    import envs
+
+    env_id = envs.suite("tabletop-long")[0]
+    config = EvalConfig(episodes_per_task=2, max_envs=2, videos_per_task=0)
+    result = evaluate(ExpertPolicy(env_id, 2), [env_id], config, progress=False)
+    for episode in result["per_episode"]:
+        assert episode["success"] and episode["num_stages"] == 2
+        assert episode["stages_done"] == episode["max_stages_done"] == 2
+    assert result["per_task"][envs.task_name(env_id)]["stage_progress"] == 1.0
+    assert result["aggregated"]["stage_progress"] == 1.0
+
+
 def test_evaluation_runs_on_metaworld_tasks_with_the_policys_camera(tmp_path):
     pytest.importorskip("metaworld")
     policy = VLAPolicy(vla_config("tiny", cameras=("corner2",)))
@@ -257,6 +298,7 @@ def test_evaluation_runs_on_metaworld_tasks_with_the_policys_camera(tmp_path):
     assert episode["sum_reward"] == episode["return"] and episode["max_reward"] <= 10
     assert result["aggregated"]["eval_s"] == result["wall_s"] > 0
     assert result["per_task"]["reach-v3"]["episodes"] == 1
+    assert "stages_done" not in episode and "stage_progress" not in result["aggregated"]  # tabletop only
     assert (tmp_path / "eval_info.json").is_file()
 
 
