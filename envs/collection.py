@@ -8,8 +8,10 @@ are dropped and replaced by fresh ones.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,13 +115,17 @@ def expert_success(env_id: str, episodes: int, first_seed: int = 100_000, noise:
     """The scripted expert on ``episodes`` scenes (seeds ``first_seed``...; the default
     block is the evaluation seeds', never a demonstration's): per episode its success,
     the stages it left done, and why it ended."""
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    if not is_tabletop(env_id):
+        raise ValueError(f"expert_success measures tabletop tasks, not {env_id!r}")
     env = gym.make(env_id, cameras=())
-    expert = make_expert(env_id, noise=noise, seed=first_seed)
+    expert = make_expert(env_id, noise=noise)
     out: dict[str, list] = {"success": [], "stages_done": [], "termination_reason": []}
     try:
         for seed in range(first_seed, first_seed + episodes):
             obs, info = env.reset(seed=seed)
-            expert.reset()
+            expert.reset(seed=seed)  # its noise too is a function of the episode's seed
             done = False
             while not done:
                 obs, _, terminated, truncated, info = env.step(expert.act(obs))
@@ -183,7 +189,6 @@ class CollectionJob:
             "image_size": self.image_size,
             "instruction_split": self.instruction_split,
             "seed": self.seed,
-            "max_retries": self.max_retries,
             "jpeg": self.jpeg,
         }
 
@@ -320,10 +325,10 @@ def run_collection(job: CollectionJob, progress: bool = True) -> dict[str, Any]:
     if not job.overwrite:  # a dataset this job would write again is kept: a rerun resumes
         existing = {e: d for e, d in ids.items() if dataset_path(d, job.root).exists()}
         stored = {e: collection_metadata(d, job.root) for e, d in existing.items()}
-        other = {e: d for e, d in existing.items() if stored[e].get(COLLECTION_KEY) != job.record(e)}
+        other = {e: d for e, d in existing.items() if stored[e].get(COLLECTION_KEY) != _as_json(job.record(e))}
         if other:
             env_id = next(iter(other))
-            made, asked = stored[env_id].get(COLLECTION_KEY) or {}, job.record(env_id)
+            made, asked = stored[env_id].get(COLLECTION_KEY) or {}, _as_json(job.record(env_id))
             differ = [
                 f"{k} {made.get(k, 'unrecorded')!r} there, {v!r} asked" for k, v in asked.items() if made.get(k) != v
             ]
@@ -365,6 +370,9 @@ def run_collection(job: CollectionJob, progress: bool = True) -> dict[str, Any]:
         try:
             for result in pool.map(_collect_unit, units):
                 finish(*result)
+        except KeyboardInterrupt:
+            print("\ninterrupt: finishing the episodes in progress, keeping the finished datasets", file=sys.stderr)
+            raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
     else:
@@ -408,16 +416,32 @@ def _write(
             description=f"Scripted-expert episodes on {env_id} at noise levels {list(job.noise_levels)}.",
             jpeg=job.jpeg,
             overwrite=job.overwrite,
-            extra_metadata={COLLECTION_KEY: job.record(env_id), SUMMARY_KEY: summary},
+            extra_metadata={COLLECTION_KEY: _as_json(job.record(env_id)), SUMMARY_KEY: summary},
         )
     finally:
         env.close()
     return summary
 
 
-def check_reusable(dataset_id: str, root: str | os.PathLike | None, episodes_per_task: int, noise_levels) -> None:
+def _as_json(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists, numpy scalars numbers)."""
+    return json.loads(json.dumps(value, default=lambda x: x.item() if hasattr(x, "item") else str(x)))
+
+
+def check_reusable(
+    dataset_id: str,
+    root: str | os.PathLike | None,
+    episodes_per_task: int,
+    noise_levels,
+    job: CollectionJob | None = None,
+    env_id: str | None = None,
+) -> None:
     """Raise ``ValueError`` unless the dataset holds exactly ``episodes_per_task`` episodes at
-    each of ``noise_levels``: what a pipeline that reuses datasets by name must check first."""
+    each of ``noise_levels`` and, when it records the job that collected it, that ``job``
+    would collect it the same way for ``env_id`` (images, instructions, noise...) but for
+    the collection seed: the pipelines' seeds share one collection on purpose, so that
+    their comparison differs only by training. What a pipeline that reuses datasets by
+    name must check first."""
     from envs.datasets import dataset_path, episode_metadata, load_dataset
 
     path = dataset_path(dataset_id, root)
@@ -435,6 +459,15 @@ def check_reusable(dataset_id: str, root: str | os.PathLike | None, episodes_per
             f"--episodes-per-task {episodes_per_task}: pass the dataset's count, choose another "
             "--output-dir, or delete that dataset to re-collect it"
         )
+    made = collection_metadata(dataset_id, root).get(COLLECTION_KEY)
+    if made is not None and job is not None and env_id is not None:
+        asked = {k: v for k, v in _as_json(job.record(env_id)).items() if k != "seed"}
+        differ = [f"{k} {made.get(k)!r} there, {v!r} asked" for k, v in asked.items() if made.get(k) != v]
+        if differ:
+            raise ValueError(
+                f"{path} was collected with other settings ({'; '.join(differ)}): choose another --output-dir, "
+                "or delete that dataset to re-collect it"
+            )
 
 
 def collection_metadata(dataset_id: str, root: str | None) -> dict[str, Any]:

@@ -180,6 +180,8 @@ def stage_matches(directory: str | os.PathLike, settings: dict[str, Any], what: 
     so when an earlier output there was made with other settings."""
     record = read_json(Path(directory) / "stage.json")
     if record is None:
+        if Path(directory).is_dir() and any(Path(directory).iterdir()):
+            log(f"{what}: {directory} holds no record of the settings it was made with; running it again")
         return False
     if record.get("fingerprint") != fingerprint(settings):
         log(f"{what}: settings changed since {directory} was made; running it again")

@@ -288,9 +288,13 @@ def _interrupt_between_steps() -> Iterator[threading.Event]:
             signal.signal(signal.SIGINT, previous)
             raise KeyboardInterrupt
         asked.set()
-        tqdm.write("interrupt: saving the step in progress (Ctrl-C again to stop at once, unsaved)")
+        # os.write, not print: a handler may run in the middle of another write to the stream.
+        os.write(2, b"\ninterrupt: saving the step in progress (Ctrl-C again to stop at once, unsaved)\n")
 
     previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:  # Ctrl-C is ignored here (nohup, a background job): leave it so
+        yield asked
+        return
     if previous is None:  # a handler not installed from Python: restore Python's default
         previous = signal.default_int_handler
     signal.signal(signal.SIGINT, handler)
@@ -418,15 +422,22 @@ def train(
             if is_main and (done % config.save_every == 0 or done == end or out_of_time or interrupted):
                 save_checkpoint(checkpoint, policy, optimizer, done, rng, ema, config)
                 plot_metrics(metrics_path, out / "loss.png")
-            if interrupted:
-                bar.close()
-                raise KeyboardInterrupt(
-                    f"training interrupted after step {done}, saved in {checkpoint}; "
-                    "run the same command again to resume from it"
-                )
-            if out_of_time:
+            if interrupted or out_of_time:
                 break
+        # A Ctrl-C during the last step's save counts too: the run stops here, saved.
+        interrupted = interrupt.is_set()
+        if world > 1:
+            flag = torch.tensor([float(interrupted)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            interrupted = bool(flag.item())
     bar.close()
+    if interrupted:
+        if world > 1:
+            dist.barrier()  # every rank waits for rank 0's save before the run ends
+        raise KeyboardInterrupt(
+            f"training interrupted after step {step + 1}, saved in {checkpoint}; "
+            "run the same command again to resume from it"
+        )
     if world > 1:
         dist.barrier()
     if ema is not None:

@@ -114,7 +114,12 @@ def run(args: argparse.Namespace) -> int:
     data = pipeline.load_data(cfg, env_ids)
     out = Path(cfg.output_dir) / "checkpoints"
     base = weights_sha256(pretrained)
-    data_settings = {"root": str(root), "chunk_size": data.chunk_size, "cameras": list(data.cameras)}
+    data_settings = {
+        "root": str(Path(root).resolve()),
+        "datasets": pipeline.datasets_record(root, env_ids),  # re-collected in place: a change too
+        "chunk_size": data.chunk_size,
+        "cameras": list(data.cameras),
+    }
 
     def settings(stage_tasks: list[str], steps: int, **extra) -> dict:
         """What a BAM stage depends on (a change reruns it, and every stage after it)."""

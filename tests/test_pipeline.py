@@ -105,6 +105,8 @@ def test_a_rerun_with_other_settings_retrains_and_reevaluates_and_says_why(quick
 def test_datasets_are_reused_only_when_collected_with_this_runs_noise_and_episode_count(quick_run):
     from dataclasses import replace
 
+    from envs.collection import CollectionJob, check_reusable, dataset_id_for
+
     done, _, _ = quick_run
     cfg = replace(pipeline.PipelineConfig(), datasets_root=str(done / "pretrain" / "datasets"), noise=[0.0])
     pipeline.collect(replace(cfg, episodes_per_task=2), TASKS)  # what the quick run collected: reused
@@ -112,6 +114,10 @@ def test_datasets_are_reused_only_when_collected_with_this_runs_noise_and_episod
         pipeline.collect(replace(cfg, episodes_per_task=5), TASKS)
     with pytest.raises(ValueError, match=r"holds noise levels \[0.0\], this run asks for \[0.0, 0.1\]"):
         pipeline.collect(replace(cfg, episodes_per_task=2, noise=[0.0, 0.1]), TASKS)
+    pipeline.collect(replace(cfg, episodes_per_task=2, seed=5), TASKS)  # seeds share one collection
+    with pytest.raises(ValueError, match=r"collected with other settings \(image_size 64 there, 32 asked\)"):
+        job = CollectionJob(episodes_per_task=2, noise_levels=(0.0,), image_size=32)
+        check_reusable(dataset_id_for(TASKS[0]), cfg.root, 2, [0.0], job, TASKS[0])
 
 
 def test_families_fine_tunes_each_family_and_writes_its_table_into_its_doc(quick_run, tmp_path):
@@ -167,6 +173,10 @@ def test_bam_mixes_specialists_and_compares_with_dense_at_equal_steps(quick_run,
     steps = {v: json.loads((out / "runs" / v / "summary.json").read_text())["steps"] for v in rows}
     assert steps == {"dense_long": 2 * 3 + 3, "specialist_reach": 3, "specialist_pick": 3, "bam_mixed": 3}
     assert (out / "checkpoints" / "specialist_pick" / "model.safetensors").read_bytes() == specialist
+    # An output made before settings were recorded is made again, and the run says why.
+    (out / "runs" / "specialist_pick" / "stage.json").unlink()
+    said = run_script("bam.py", *argv[:-1], "3").stdout
+    assert "train specialist_pick: " in said and "holds no record of the settings it was made with" in said
     proc = run_script("bam.py", *argv[:7], "--groups", "reach=ReachPurple", "pick=PickBlue", check=False)
     assert proc.returncode != 0 and "unknown tabletop task 'ReachPurple'" in proc.stderr
 

@@ -176,6 +176,36 @@ def test_metrics_after_a_resume_continue_from_the_resumed_step(dataset, tmp_path
     assert records[2]["loss"] != 9.0  # step 3 is the rerun's
 
 
+@pytest.mark.parametrize("when", ["mid-step", "during the last save"])
+def test_ctrl_c_saves_the_step_it_interrupts_and_ends_the_run(dataset, tmp_path, monkeypatch, when):
+    import os
+    import signal
+
+    import policies.training as training
+
+    if when == "mid-step":  # arrives while step 2's batch is drawn: step 2 finishes and is saved
+        draws = []
+
+        class Interrupting:
+            def sample(self, *args):
+                draws.append(1)
+                if len(draws) == 2:
+                    os.kill(os.getpid(), signal.SIGINT)
+                return dataset.sample(*args)
+
+        data, stopped_at = Interrupting(), 2
+    else:  # arrives while the final checkpoint is written: the run still says it was interrupted
+        plot = training.plot_metrics
+        monkeypatch.setattr(training, "plot_metrics", lambda *a: (plot(*a), os.kill(os.getpid(), signal.SIGINT))[0])
+        data, stopped_at = dataset, 3
+    previous = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt, match=f"interrupted after step {stopped_at}, saved in"):
+        train(tiny_policy(dataset), data, fast_config(steps=3, save_every=100), tmp_path)
+    assert signal.getsignal(signal.SIGINT) is previous  # the handler is given back
+    state = json.loads((tmp_path / "checkpoints" / "last" / "training_state" / "state.json").read_text())
+    assert state["step"] == stopped_at
+
+
 def test_upcycled_policy_trains_and_reloads_as_upcycled(dataset, tmp_path):
     policy = tiny_policy(dataset)
     policy.upcycle(init="paper")

@@ -136,21 +136,20 @@ def prepare_data(cfg: MergeExperimentConfig) -> dict[str, str]:
     env_ids = [tabletop_id(t) for t in cfg.tasks]
     ids = {env_id: dataset_id_for(env_id, "dt-state") for env_id in env_ids}
     missing = [e for e, d in ids.items() if not dataset_path(d, cfg.root).exists()]
+    job = CollectionJob(
+        env_ids=missing,
+        episodes_per_task=cfg.episodes_per_task,
+        noise_levels=tuple(cfg.noise),
+        pixels=False,
+        dataset_name="dt-state",
+        root=cfg.root,
+        workers=2,
+    )
     for env_id in sorted(set(ids) - set(missing)):  # reused only when made with this run's settings
-        check_reusable(ids[env_id], cfg.root, cfg.episodes_per_task, cfg.noise)
+        check_reusable(ids[env_id], cfg.root, cfg.episodes_per_task, cfg.noise, job, env_id)
     if missing:
         print(f"collecting state-only datasets for {len(missing)} task(s) ...", flush=True)
-        run_collection(
-            CollectionJob(
-                env_ids=missing,
-                episodes_per_task=cfg.episodes_per_task,
-                noise_levels=tuple(cfg.noise),
-                pixels=False,
-                dataset_name="dt-state",
-                root=cfg.root,
-                workers=2,
-            )
-        )
+        run_collection(job)
     return {d.split("/")[1]: d for d in ids.values()}
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -33,7 +34,7 @@ import torch
 
 import adamoe
 import envs  # noqa: F401  (GL backend first, registers the envs)
-from envs.collection import CollectionJob, check_reusable, dataset_id_for, run_collection
+from envs.collection import CollectionJob, check_reusable, collection_metadata, dataset_id_for, run_collection
 from envs.datasets import dataset_path, episode_metadata, load_dataset
 from envs.ids import is_metaworld, is_tabletop, task_name
 from envs.registration import resolve_env_ids
@@ -194,12 +195,6 @@ QUICK = {
 
 def collect(cfg: PipelineConfig, env_ids: list[str]) -> None:
     missing = [e for e in env_ids if not dataset_path(dataset_id_for(e), cfg.root).exists()]
-    for env_id in sorted(set(env_ids) - set(missing)):  # reused only when made with this run's settings
-        check_reusable(dataset_id_for(env_id), cfg.root, cfg.episodes_per_task, cfg.noise)
-    if not missing:
-        log(f"collect: datasets complete under {cfg.root}, reusing them")
-        return
-    log(f"collect: {cfg.episodes_per_task} episodes x noise {cfg.noise} for {len(missing)} tasks -> {cfg.root}")
     job = CollectionJob(
         env_ids=missing,
         episodes_per_task=cfg.episodes_per_task,
@@ -208,6 +203,12 @@ def collect(cfg: PipelineConfig, env_ids: list[str]) -> None:
         seed=cfg.seed,
         workers=cfg.workers,
     )
+    for env_id in sorted(set(env_ids) - set(missing)):  # reused only when made with this run's settings
+        check_reusable(dataset_id_for(env_id), cfg.root, cfg.episodes_per_task, cfg.noise, job, env_id)
+    if not missing:
+        log(f"collect: datasets complete under {cfg.root}, reusing them")
+        return
+    log(f"collect: {cfg.episodes_per_task} episodes x noise {cfg.noise} for {len(missing)} tasks -> {cfg.root}")
     run_collection(job, progress=cfg.progress)
 
 
@@ -277,6 +278,17 @@ def upcycled(cfg: PipelineConfig, pretrained: Path, variant: str) -> VLAPolicy:
     """A fresh copy of the pretrained policy, upcycled as ``variant`` asks."""
     generator = torch.Generator().manual_seed(cfg.seed)
     return upcycle_as(from_pretrained(pretrained), variant, cfg.init, cfg.num_experts, cfg.top_k, generator)
+
+
+def datasets_record(root: str | os.PathLike, env_ids: list[str]) -> dict[str, Any]:
+    """What the demonstrations of ``env_ids`` under ``root`` are, for a stage's fingerprint:
+    each dataset's collection record (its episode count when it has none)."""
+    out = {}
+    for env_id in sorted(env_ids):
+        dataset_id = dataset_id_for(env_id)
+        made = collection_metadata(dataset_id, root).get("collection")
+        out[dataset_id] = made if made is not None else {"episodes": len(load_dataset(dataset_id, root=root))}
+    return out
 
 
 def finetune_settings(cfg: PipelineConfig, pretrained: Path, variant: str) -> dict[str, Any]:
