@@ -328,10 +328,7 @@ def run_collection(job: CollectionJob, progress: bool = True) -> dict[str, Any]:
         other = {e: d for e, d in existing.items() if stored[e].get(COLLECTION_KEY) != _as_json(job.record(e))}
         if other:
             env_id = next(iter(other))
-            made, asked = stored[env_id].get(COLLECTION_KEY) or {}, _as_json(job.record(env_id))
-            differ = [
-                f"{k} {made.get(k, 'unrecorded')!r} there, {v!r} asked" for k, v in asked.items() if made.get(k) != v
-            ]
+            differ = _differences(stored[env_id].get(COLLECTION_KEY) or {}, _as_json(job.record(env_id)))
             raise FileExistsError(
                 f"datasets {list(other.values())} already exist, collected with other settings "
                 f"({other[env_id]}: {'; '.join(differ)}); pass --overwrite to replace them, or another --root"
@@ -428,6 +425,11 @@ def _as_json(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda x: x.item() if hasattr(x, "item") else str(x)))
 
 
+def _differences(made: dict[str, Any], asked: dict[str, Any]) -> list[str]:
+    """``"<field> <made> there, <asked> asked"`` for each field of ``asked`` that ``made`` differs in."""
+    return [f"{k} {made.get(k, 'unrecorded')!r} there, {v!r} asked" for k, v in asked.items() if made.get(k) != v]
+
+
 def check_reusable(
     dataset_id: str,
     root: str | os.PathLike | None,
@@ -462,7 +464,7 @@ def check_reusable(
     made = collection_metadata(dataset_id, root).get(COLLECTION_KEY)
     if made is not None and job is not None and env_id is not None:
         asked = {k: v for k, v in _as_json(job.record(env_id)).items() if k != "seed"}
-        differ = [f"{k} {made.get(k)!r} there, {v!r} asked" for k, v in asked.items() if made.get(k) != v]
+        differ = _differences(made, asked)
         if differ:
             raise ValueError(
                 f"{path} was collected with other settings ({'; '.join(differ)}): choose another --output-dir, "

@@ -34,7 +34,14 @@ import torch
 
 import adamoe
 import envs  # noqa: F401  (GL backend first, registers the envs)
-from envs.collection import CollectionJob, check_reusable, collection_metadata, dataset_id_for, run_collection
+from envs.collection import (
+    COLLECTION_KEY,
+    CollectionJob,
+    check_reusable,
+    collection_metadata,
+    dataset_id_for,
+    run_collection,
+)
 from envs.datasets import dataset_path, episode_metadata, load_dataset
 from envs.ids import is_metaworld, is_tabletop, task_name
 from envs.registration import resolve_env_ids
@@ -286,7 +293,7 @@ def datasets_record(root: str | os.PathLike, env_ids: list[str]) -> dict[str, An
     out = {}
     for env_id in sorted(env_ids):
         dataset_id = dataset_id_for(env_id)
-        made = collection_metadata(dataset_id, root).get("collection")
+        made = collection_metadata(dataset_id, root).get(COLLECTION_KEY)
         out[dataset_id] = made if made is not None else {"episodes": len(load_dataset(dataset_id, root=root))}
     return out
 
