@@ -11,6 +11,7 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 import envs  # noqa: F401  (registers the env ids)
@@ -27,6 +28,11 @@ class EvalConfig:
     seed: int = 100_000
     instruction_split: str = "train"  # "heldout": the paraphrases no training episode used
     max_envs: int = 25  # envs stepped as one batch (one chunk inference serves them all)
+    # A chunking policy (``predict_action_chunk`` and ``config.n_action_steps``) infers for,
+    # and steps, only the envs whose episode is still running; False: every env of the
+    # wave goes through ``select_action`` and ``venv.step`` until the last episode ends (the
+    # plain reference, and the path of every other policy).
+    skip_finished: bool = True
     videos_per_task: int = 1
     video_size: int = 256
 
@@ -48,10 +54,35 @@ def _env_kwargs(env_id: str, policy: Any, config: EvalConfig, video: bool) -> di
     return kwargs
 
 
+def _chunk_steps(policy: Any) -> int | None:
+    """The actions a chunking policy executes per chunk; None for any other policy."""
+    steps = getattr(getattr(policy, "config", None), "n_action_steps", None)
+    chunking = hasattr(policy, "predict_action_chunk") and hasattr(policy, "batch_from_observation")
+    return int(steps) if chunking and isinstance(steps, int) and steps >= 1 else None
+
+
+def _row(obs: Any, i: int) -> Any:
+    """Env ``i``'s observation out of a vector env's batch."""
+    if isinstance(obs, dict):
+        return {k: _row(v, i) for k, v in obs.items()}
+    return obs[i]
+
+
+def _stack(rows: list[Any]) -> Any:
+    """Single-env observations as one batch, laid out as a vector env lays it out."""
+    if isinstance(rows[0], dict):
+        return {k: _stack([r[k] for r in rows]) for k in rows[0]}
+    if isinstance(rows[0], np.ndarray):
+        return np.stack(rows)
+    return tuple(rows)
+
+
 def rollout_wave(
-    policy: Any, venv: gym.vector.SyncVectorEnv, seeds: list[int], record: bool
+    policy: Any, venv: gym.vector.SyncVectorEnv, seeds: list[int], record: bool, skip_finished: bool = True
 ) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
-    """One episode in each of the first ``len(seeds)`` envs, stepped together until all end."""
+    """One episode in each of the first ``len(seeds)`` envs, stepped together until all end.
+    With ``skip_finished`` (and a chunking policy), an env whose episode has ended is
+    neither stepped nor inferred for; otherwise the whole batch runs until the last ends."""
     n = len(seeds)
     obs, info = venv.reset(seed=seeds + [seeds[-1] + 10_000 + i for i in range(venv.num_envs - n)])
     policy.reset()
@@ -65,9 +96,17 @@ def rollout_wave(
     done[n:] = True
     instructions = list(obs["instruction"])
     frames = [venv.envs[0].render()] if record else []
+    steps = _chunk_steps(policy) if skip_finished else None
+    singles = [_row(obs, i) for i in range(venv.num_envs)] if steps else []
+    queue: dict[int, np.ndarray] = {}
+    t = 0
     while not done.all():
-        action = np.asarray(policy.select_action(obs), dtype=np.float32)
-        obs, reward, terminated, truncated, info = venv.step(action)
+        if steps is None:
+            action = np.asarray(policy.select_action(obs), dtype=np.float32)
+            obs, reward, terminated, truncated, info = venv.step(action)
+        else:
+            reward, terminated, truncated, info = _step_live(policy, venv, singles, queue, done, t, steps)
+            t += 1
         live = ~done
         returns[live] += reward[live]
         max_reward[live] = np.maximum(max_reward[live], reward[live])
@@ -101,6 +140,38 @@ def rollout_wave(
     return episodes, frames
 
 
+def _step_live(
+    policy: Any,
+    venv: gym.vector.SyncVectorEnv,
+    singles: list[Any],
+    queue: dict[int, np.ndarray],
+    done: np.ndarray,
+    t: int,
+    steps: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Step ``t`` of the envs still running: every ``steps`` steps a chunk is inferred for
+    them alone (as ``select_action`` does for the whole batch), then each env takes its
+    next action. Returns reward, terminated, truncated and info for every env (zeros and
+    done for the finished ones), as ``venv.step`` lays them out."""
+    live = np.flatnonzero(~done)
+    if t % steps == 0:
+        batch = policy.batch_from_observation(_stack([singles[i] for i in live]))
+        with torch.no_grad():
+            chunk = policy.predict_action_chunk(batch)[:, :steps].cpu().numpy()
+        queue.clear()
+        queue.update({int(i): chunk[j] for j, i in enumerate(live)})
+    n = venv.num_envs
+    reward, terminated, truncated = np.zeros(n), done.copy(), np.zeros(n, dtype=bool)
+    infos: dict[int, dict[str, Any]] = {}
+    for i in live:
+        singles[i], r, term, trunc, infos[i] = venv.envs[i].step(np.asarray(queue[i][t % steps], dtype=np.float32))
+        reward[i], terminated[i], truncated[i] = r, term, trunc
+    numeric = (bool, int, float, np.number, np.bool_)
+    keys = [k for k, v in next(iter(infos.values())).items() if isinstance(v, numeric)]
+    info = {k: np.array([infos[i][k] if i in infos else 0 for i in range(n)]) for k in keys}
+    return reward, terminated, truncated, info
+
+
 def evaluate(
     policy: Any,
     env_ids: str | list[str],
@@ -129,7 +200,7 @@ def evaluate(
             for wave, start in enumerate(range(0, len(seeds), num_envs)):
                 chunk = seeds[start : start + num_envs]
                 record = video and wave < config.videos_per_task
-                episodes, frames = rollout_wave(policy, venv, chunk, record)
+                episodes, frames = rollout_wave(policy, venv, chunk, record, config.skip_finished)
                 for ep in episodes:
                     per_episode.append({"task": task, "env_id": env_id, **ep})
                 if record and frames:

@@ -105,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
         eval_episodes=args.eval_episodes,
         variants=["dense_long", *specialists, "bam_mixed"],
         eval_pretrained=False,
+        retention_episodes=0,
+        reference_episodes=0,
+        curve_points=1,
         seed=args.seed,
     )
     if args.quick:

@@ -1,13 +1,22 @@
 #!/usr/bin/env python
-"""Run a trained policy on a tabletop task in real time, at a fixed control rate.
+"""Run a trained policy in real time, at a fixed control rate: one task, or a whole suite
+with its success next to offline success on the same scenes.
 
     python scripts/control.py --checkpoint outputs/demo/checkpoints/adamoe --task PickRed
     python scripts/control.py --checkpoint outputs/demo/checkpoints/dense --task PickRed --mode sync --video
+    python scripts/control.py --checkpoint outputs/demo/checkpoints/dense outputs/demo/checkpoints/adamoe \
+        --suite tabletop-long --episodes 10
 
 The simulated robot advances with the wall clock whether or not the policy has answered.
-Prints success and the timing summary (tick jitter, deadline misses, starved ticks,
-inference latency, action age) and writes ``summary.json``, ``telemetry.npz``,
+One task: prints success and the timing summary (tick jitter, deadline misses, starved
+ticks, inference latency, action age) and writes ``summary.json``, ``telemetry.npz``,
 ``timeline.png`` (and ``video.mp4`` with ``--video``) to ``--output-dir``.
+
+A suite (``--suite``): every checkpoint runs ``--episodes`` per task in real time on the
+scenes offline evaluation uses, and offline on the same scenes; writes ``results.md`` and
+``results.json`` (per checkpoint: success both ways with 95% intervals, their paired
+difference, deadline misses, p99 jitter, starved ticks, inference latency) and each
+checkpoint's ``<name>/realtime.json`` and ``<name>/offline/eval_info.json``.
 """
 
 from __future__ import annotations
@@ -16,17 +25,29 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from envs.registration import resolve_env_ids  # noqa: E402
 from policies import from_pretrained  # noqa: E402
 from policies.control import MERGE_RULES, MODES, ControlConfig, format_summary  # noqa: E402
-from policies.control.runner import run_policy  # noqa: E402
+from policies.control.report import compare, realtime_markdown  # noqa: E402
+from policies.control.runner import run_episodes, run_policy  # noqa: E402
+from policies.evaluation import EvalConfig, evaluate  # noqa: E402
+from policies.io import log, write_json, write_text  # noqa: E402
+from policies.vla.report import machine  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a policy checkpoint directory (dense or AdaMoE VLA)")
+    p.add_argument(
+        "--checkpoint", required=True, nargs="+", help="a policy checkpoint directory (with --suite: one or more)"
+    )
     p.add_argument("--task", default="PickRed", help="tabletop task name or a full env id")
+    p.add_argument("--suite", nargs="+", default=None, help="run a suite (names or env ids) instead of one task")
+    p.add_argument("--episodes", type=int, default=10, help="--suite: episodes per task")
+    p.add_argument("--split", default="train", choices=("train", "heldout"), help="--suite: instruction phrasings")
     p.add_argument("--rate", type=float, default=50.0, help="control rate in Hz")
     p.add_argument("--mode", default="async", choices=MODES)
     p.add_argument("--merge", default="latest", choices=MERGE_RULES)
@@ -37,9 +58,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--video", action="store_true")
     p.add_argument("--output-dir", default="outputs/control")
     args = p.parse_args(argv)
-    policy = from_pretrained(args.checkpoint)
+    if args.suite is not None:
+        return run_suite(args)
+    if len(args.checkpoint) > 1:
+        raise ValueError(f"one task runs one checkpoint; got {len(args.checkpoint)} (several need --suite)")
+    policy = from_pretrained(args.checkpoint[0])
     if not hasattr(policy, "predict_action_chunk"):
-        raise ValueError(f"{args.checkpoint} holds a {policy.policy_type!r} policy without predict_action_chunk")
+        raise ValueError(f"{args.checkpoint[0]} holds a {policy.policy_type!r} policy without predict_action_chunk")
     ticks = int(args.seconds * args.rate) if args.seconds else 10**6
     config = ControlConfig(
         rate_hz=args.rate,
@@ -58,6 +83,44 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_summary(result.summary))
     print(f"-> {out}/summary.json, {out}/timeline.png" + (f", {out}/video.mp4" if result.frames else ""))
     return result.summary
+
+
+def run_suite(args: argparse.Namespace) -> dict:
+    """Every checkpoint on the suite in real time and offline, on the same scenes."""
+    if args.episodes < 1:
+        raise ValueError(f"--episodes must be >= 1, got {args.episodes}")
+    tasks = list(resolve_env_ids(args.suite))
+    names = [Path(c).name for c in args.checkpoint]
+    if len(set(names)) != len(names):
+        raise ValueError(f"the checkpoints' directory names must differ (their results are named so): {names}")
+    policies = {}
+    for name, checkpoint in zip(names, args.checkpoint, strict=True):
+        policies[name] = from_pretrained(checkpoint)
+        if not hasattr(policies[name], "predict_action_chunk"):
+            raise ValueError(f"{checkpoint} holds a {policies[name].policy_type!r} policy without predict_action_chunk")
+    out = Path(args.output_dir)
+    results = {}
+    for name, policy in policies.items():
+        config = ControlConfig(
+            rate_hz=args.rate, mode=args.mode, merge=args.merge, threshold=args.threshold, max_delta=args.max_delta
+        )
+        log(f"{name}: {args.episodes} episodes per task offline, then in real time at {args.rate:g} Hz ({args.mode})")
+        torch.manual_seed(args.seed)
+        eval_config = EvalConfig(episodes_per_task=args.episodes, instruction_split=args.split, videos_per_task=0)
+        offline = evaluate(policy, tasks, eval_config, out / name / "offline")
+        torch.manual_seed(args.seed)
+        realtime = run_episodes(policy, tasks, args.episodes, config, instruction_split=args.split)
+        write_json(out / name / "realtime.json", realtime)
+        results[name] = compare(offline, realtime)
+        results[name]["checkpoint"] = str(args.checkpoint[names.index(name)])
+    summary = {"tasks": tasks, "episodes_per_task": args.episodes, "split": args.split, "policies": results}
+    summary["machine"] = machine()
+    write_json(out / "results.json", summary)
+    table = realtime_markdown(results, args.rate, args.mode)
+    write_text(out / "results.md", table + "\n")
+    print(table)
+    print(f"-> {out}/results.md, {out}/results.json")
+    return summary
 
 
 if __name__ == "__main__":

@@ -1,21 +1,23 @@
-"""The demo's comparison over several seeds, with both upcycling initialisations.
+"""The main job's comparison over several seeds, with a statistical verdict (``make experiment``).
 
-    python scripts/experiment.py                       # seeds 0 1 2 (make experiment)
-    python scripts/experiment.py --pretrain-per-seed   # also re-pretrain the dense policy per seed
+    python scripts/experiment.py                       # seeds 0 1 2, 50 episodes per task and split
+    python scripts/experiment.py --pretrain-per-seed   # also re-pretrain the dense base per seed
     python scripts/experiment.py --quick               # the plumbing, tiny preset
 
-Each seed is one run of the main job's pipeline (``policies.vla.pipeline``) under ``<output-dir>/seed<s>/``
-with the variants dense, vanilla (top-k MoE, paper init), adamoe (paper init) and
-adamoe-preserve, fine-tuned for the same steps on the same demonstrations (collected once,
-under ``<output-dir>/datasets/``). By default the seeds share one pretrained dense policy
-(the shipped base), so the spread measures fine-tuning and evaluation noise around one
-starting point; ``--pretrain-per-seed`` runs the pretraining recipe once per seed and the
-spread includes pretraining. Writes ``results.md`` and ``results.json`` (mean and standard deviation over
-seeds of every variant's success, per split) and ``plots/success_over_seeds.png``.
+Each seed is one run of the main job's pipeline (``policies.vla.pipeline``) under
+``<output-dir>/seed<s>/``: from the shipped base, the variants dense, vanilla (top-k MoE,
+paper init), adamoe (paper init) and adamoe-preserve are fine-tuned on the new suite
+(``tabletop-long``) for the same steps on the same batches, and evaluated on its training
+and held-out phrasings and on the base suite (retention). The seeds share one collection
+(under ``<output-dir>/datasets/``) and one pretrained base, so the spread measures
+fine-tuning and evaluation noise around one starting point; ``--pretrain-per-seed`` runs
+the pretraining recipe once per seed and the spread includes pretraining.
 
-The Meta-World MT10 version (longer: Meta-World renders ~20x slower than the tabletop):
-
-    python scripts/experiment.py --suite mt10 --output-dir outputs/experiment_mt10
+Every variant is evaluated on the same scenes as dense in each seed, so its difference
+from dense is paired. Writes ``results.md`` and ``results.json``: each variant's success
+pooled over seeds with a 95% bootstrap interval over seeds and episodes, and each MoE
+variant's paired difference from dense with its interval, marked significant when the
+interval excludes 0; and ``plots/success_over_seeds.png``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from policies.vla.families import KINDS  # noqa: E402
 from policies.vla.report import aggregate_seeds, machine, plot_seeds, seeds_markdown  # noqa: E402
 
 VARIANTS = ["dense", "vanilla", "adamoe", "adamoe-preserve"]
+EVAL_EPISODES = 50  # per task and phrasing split, per seed
+RETENTION_EPISODES = 10  # per base-suite task, per seed
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,8 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", nargs="+", default=VARIANTS, help="variant names, or 'all' for every MoE family")
     p.add_argument("--quick", action="store_true", help="tiny preset, a few steps and episodes")
     p.add_argument("--pretrain-per-seed", action="store_true", help="pretrain the dense policy once per seed")
-    p.add_argument("--suite", nargs="+", default=None, help="suite names or env ids (tabletop, mt10, ...)")
-    p.add_argument("--eval-episodes", type=int, default=None, help="episodes per task and phrasing split")
+    p.add_argument("--suite", nargs="+", default=None, help="the fine-tuning suite or env ids (default tabletop-long)")
+    p.add_argument("--eval-episodes", type=int, default=None, help=f"per task and split (default {EVAL_EPISODES})")
+    p.add_argument(
+        "--retention-episodes", type=int, default=None, help=f"per base-suite task (default {RETENTION_EPISODES})"
+    )
     p.add_argument("--finetune-steps", type=int, default=None)
     p.add_argument("--pretrain-steps", type=int, default=None)
     return p.parse_args(argv)
@@ -61,44 +68,62 @@ def seed_config(base: Any, out: Path, seed: int, first: int, shared: bool) -> An
     return cfg
 
 
+def seed_episodes(cfg: Any) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """One seed's per-episode records: ``[variant][split]``."""
+    out: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for name, _ in pipeline.evaluated(cfg):
+        for split in pipeline.EVALS:
+            result = pipeline.load_eval(cfg, name, split)
+            if result is not None:
+                out.setdefault(name, {})[split] = result["per_episode"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     base = replace(pipeline.PipelineConfig(), **pipeline.QUICK) if args.quick else pipeline.PipelineConfig()
     out = Path(args.output_dir or ("outputs/experiment_quick" if args.quick else "outputs/experiment"))
     given = {
         "suite": args.suite,
-        "eval_episodes": args.eval_episodes,
+        "eval_episodes": args.eval_episodes or (None if args.quick else EVAL_EPISODES),
+        "retention_episodes": args.retention_episodes
+        if args.retention_episodes is not None
+        else (None if args.quick else RETENTION_EPISODES),
         "finetune_steps": args.finetune_steps,
         "pretrain_steps": args.pretrain_steps,
     }
     variants = list(KINDS) if args.variants == ["all"] else list(args.variants)
-    base = replace(base, variants=variants, **{k: v for k, v in given.items() if v is not None})
+    # The fine-tuning curve is the demo's; over seeds only the final policies are evaluated.
+    base = replace(base, variants=variants, curve_points=1, **{k: v for k, v in given.items() if v is not None})
     if args.pretrain_per_seed:
         base.pretrain = True
     base.validate()  # bad settings fail here, before anything is collected or trained
     began = time.perf_counter()
-    runs = {}
-    data = None  # the seeds share one collection: read it once
+    runs, episodes = {}, {}
+    data = reference = None  # the seeds share one collection: read it once
     for seed in args.seeds:
         cfg = seed_config(base, out, seed, args.seeds[0], shared=not args.pretrain_per_seed)
         log(f"experiment: seed {seed} -> {cfg.output_dir}")
         if data is None or args.pretrain_per_seed:  # the cached encoder outputs are the base's
             env_ids = list(resolve_env_ids(cfg.suite))
             pipeline.pretrain(cfg)
-            pipeline.collect(cfg, env_ids)
-            data = pipeline.load_data(cfg, env_ids)
-        runs[seed] = pipeline.run(cfg, data)
-    rows = aggregate_seeds(runs, base.variants)
+            pipeline.collect_all(cfg, env_ids)
+            data, reference = pipeline.load_data(cfg, env_ids), pipeline.load_reference(cfg)
+        runs[seed] = pipeline.run(cfg, data, reference)
+        episodes[seed] = seed_episodes(cfg)
+    rows = aggregate_seeds(episodes, base.variants)
+    facts = {r["variant"]: r for r in runs[args.seeds[0]]["variants"]}
     results = {
         "seeds": args.seeds,
         "shared_pretraining": not args.pretrain_per_seed,
         "config": asdict(base),
         "variants": rows,
+        "per_seed": {seed: run["variants"] for seed, run in runs.items()},
         "machine": machine(),
         "wall_s": time.perf_counter() - began,
     }
     write_json(out / "results.json", results)
-    table = seeds_markdown(rows, args.seeds)
+    table = seeds_markdown(rows, args.seeds, facts)
     write_text(out / "results.md", table + "\n")
     plot_seeds(rows, out / "plots" / "success_over_seeds.png")
     print()

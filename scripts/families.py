@@ -41,7 +41,12 @@ START, END = "<!-- families:start -->", "<!-- families:end -->"
 def with_defaults(argv: list[str]) -> list[str]:
     """The user's options over the families defaults (every family, outputs/families, the
     demo's datasets when they exist; the demo's own default base)."""
-    defaults = ["--output-dir", "outputs/families", "--variants", *KINDS]
+    # The families study runs on the base suite (its published table), without the main
+    # job's retention check and fine-tuning curve.
+    defaults = ["--output-dir", "outputs/families", "--variants", *KINDS, "--suite", "tabletop"]
+    defaults += ["--retention-episodes", "0", "--curve-points", "1"]
+    if "--quick" not in argv:
+        defaults += ["--finetune-steps", "200"]
     if "--datasets-root" not in argv and (DEMO / "datasets").is_dir():
         defaults += ["--datasets-root", str(DEMO / "datasets")]
     given = {a for a in argv if a.startswith("--")}

@@ -243,3 +243,72 @@ def test_control_command_runs_a_checkpoint_in_real_time_and_reports(tmp_path):
     assert summary["ticks"] + summary["deadline_misses"] == 50
     assert summary["chunks"] >= 2 and "success" in summary
     assert (tmp_path / "run" / "timeline.png").is_file() and "summary.json" in proc.stdout
+
+
+def _tiny_policy(seed: int = 0, moe: bool = False):
+    import torch
+
+    from policies import VLAPolicy, vla_config
+
+    torch.manual_seed(seed)
+    policy = VLAPolicy(vla_config("tiny"))
+    if moe:
+        policy.upcycle(init="paper")
+    return policy.eval()
+
+
+@pytest.mark.filterwarnings("ignore:this policy's state/action normalisation statistics were never set")
+def test_suite_rollouts_run_on_the_scenes_offline_evaluation_uses_and_pair_with_it():
+    from policies.control.report import compare
+    from policies.control.runner import run_episodes
+    from policies.evaluation import EvalConfig, evaluate
+
+    policy = _tiny_policy()
+    tasks = ["adamoe/Tabletop-ReachRed-v0", "adamoe/Tabletop-PickBlue-v0"]
+    config = ControlConfig(rate_hz=50, mode="async")
+    realtime = run_episodes(policy, tasks, 2, config, clock=SimClock, max_episode_steps=12, progress=False)
+    seeds = [(e["task"], e["seed"]) for e in realtime["per_episode"]]
+    assert seeds == [("ReachRed", 100_000), ("ReachRed", 100_001), ("PickBlue", 101_000), ("PickBlue", 101_001)]
+    assert all(e["robot_steps"] == 12 and e["stop_reason"] is None for e in realtime["per_episode"])
+    timing = realtime["aggregated"]
+    assert timing["ticks"] == sum(e["ticks"] for e in realtime["per_episode"]) > 0
+    assert timing["starved_fraction"] == timing["starved_ticks"] / timing["ticks"]
+    offline = evaluate(policy, tasks, EvalConfig(episodes_per_task=2, videos_per_task=0), progress=False)
+    pair = compare(offline, realtime)
+    assert pair["offline"]["episodes"] == pair["realtime"]["episodes"] == 4
+    assert pair["difference"]["mean"] == pytest.approx(pair["realtime"]["success"] - pair["offline"]["success"])
+    assert set(pair["per_task"]) == {"ReachRed", "PickBlue"}
+    with pytest.raises(ValueError, match="no offline episode on the same scene"):
+        compare(
+            evaluate(policy, tasks[:1], EvalConfig(episodes_per_task=2, videos_per_task=0), progress=False), realtime
+        )
+
+
+def test_the_paired_difference_is_significant_only_when_its_interval_excludes_zero():
+    from policies.control.report import compare
+
+    offline = {"per_episode": [{"task": "T", "seed": i, "success": True} for i in range(60)]}
+    worse = {"per_episode": [{"task": "T", "seed": i, "success": i % 2 == 0} for i in range(60)], "aggregated": {}}
+    same = {"per_episode": [{"task": "T", "seed": i, "success": True} for i in range(60)], "aggregated": {}}
+    drop = compare(offline, worse)["difference"]
+    assert drop["mean"] == pytest.approx(-0.5) and drop["high"] < 0 and drop["significant"]
+    assert not compare(offline, same)["difference"]["significant"]
+
+
+def test_control_command_compares_checkpoints_in_real_time_with_offline_on_a_suite(tmp_path):
+    from tests.conftest import run_script
+
+    _tiny_policy().save_pretrained(tmp_path / "dense")
+    _tiny_policy(moe=True).save_pretrained(tmp_path / "adamoe")
+    args = ["--checkpoint", tmp_path / "dense", tmp_path / "adamoe", "--suite", "adamoe/Tabletop-ReachRed-v0"]
+    proc = run_script("control.py", *args, "--episodes", "1", "--output-dir", tmp_path / "run")
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert list(results["policies"]) == ["dense", "adamoe"]
+    for name, row in results["policies"].items():
+        assert row["offline"]["episodes"] == row["realtime"]["episodes"] == 1
+        assert row["timing"]["ticks"] > 0 and row["timing"]["jitter_p99_ms"] >= 0
+        assert (tmp_path / "run" / name / "offline" / "eval_info.json").is_file()
+        assert (tmp_path / "run" / name / "realtime.json").is_file()
+    assert "| dense | 1 |" in proc.stdout and "| adamoe | 1 |" in proc.stdout
+    bad = run_script("control.py", *args, "--episodes", "0", check=False)
+    assert bad.returncode == 2 and "--episodes must be >= 1, got 0" in bad.stderr

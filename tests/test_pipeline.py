@@ -13,13 +13,14 @@ from policies.vla.report import aggregate_seeds, seeds_markdown
 from tests.conftest import ROOT, run_script
 
 VARIANTS = ("vanilla", "adamoe")
-TASKS = ["adamoe/Tabletop-ReachRed-v0", "adamoe/Tabletop-PickBlue-v0"]
+TASKS = ["adamoe/Tabletop-ReachRed-v0", "adamoe/Tabletop-PickBlue-v0"]  # --quick's base suite
+NEW = {"PlaceRedOnYellowPadThenStackGreenOnRed", "StackGreenOnBlue"}  # --quick's fine-tuning tasks
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo_quick")
-    argv = ["--quick", "--output-dir", str(out), "--suite", *TASKS]
+    argv = ["--quick", "--output-dir", str(out)]
     start = time.perf_counter()
     pipeline.run(pipeline.parse_args(argv))
     return out, argv, time.perf_counter() - start
@@ -31,9 +32,18 @@ def test_quick_run_writes_the_three_way_table_and_every_plot(quick_run):
     rows = {r["variant"]: r for r in results["variants"]}
     assert list(rows) == ["dense", "vanilla", "adamoe"]  # --quick skips evaluating the pretrained policy
     for row in rows.values():
-        for split in ("train", "heldout"):
+        for split in ("train", "heldout"):  # the new tasks, on both phrasing splits
             assert 0.0 <= row[f"success_{split}"] <= 1.0
-            assert set(row[f"per_task_{split}"]) == {"ReachRed", "PickBlue"}
+            assert set(row[f"per_task_{split}"]) == NEW
+        # Retention: the base suite the policy was pretrained on, on its training phrasings.
+        assert set(row["per_task_retention"]) == {"ReachRed", "PickBlue"}
+        assert {task: n for task, (_, n) in row["counts_retention"].items()} == {"ReachRed": 1, "PickBlue": 1}
+        # The long task's per-stage progress: the share of episodes past each of its two stages.
+        stages = row["stages_train"]["PlaceRedOnYellowPadThenStackGreenOnRed"]
+        assert len(stages) == 2 and 0.0 <= stages[1] <= stages[0] <= 1.0
+        # The curve: one earlier point (step 5 of 10) and the final evaluation.
+        assert [p["step"] for p in row["curve"]] == [5, 10]
+        assert row["curve"][-1]["success"] == row["success_train"]
         assert row["latency_ms"] > 0
     # Four routed copies of each FFN, one of them active per token; the dense rows are smaller.
     for moe in ("vanilla", "adamoe"):
@@ -42,11 +52,13 @@ def test_quick_run_writes_the_three_way_table_and_every_plot(quick_run):
     table = (out / "results.md").read_text()
     for name in rows:
         assert f"| {name} |" in table
-    for plot in ("success_per_task", "training_curves", "expert_use_vanilla", "expert_use_adamoe"):
+    assert "retention: base suite" in table and "Stages completed" in table
+    plots = ("success_per_task", "training_curves", "finetuning_curves", "stage_progress")
+    for plot in (*plots, "expert_use_vanilla", "expert_use_adamoe"):
         assert (out / "plots" / f"{plot}.png").stat().st_size > 1000
     for name in ("dense", "vanilla", "adamoe"):
-        assert (out / "eval" / name / "eval_info.json").is_file()
-        assert (out / "eval" / name / "heldout" / "eval_info.json").is_file()
+        for split in ("", "heldout", "retention"):
+            assert (out / "eval" / name / split / "eval_info.json").is_file()
 
 
 def test_expert_use_is_a_distribution_over_experts_per_task_and_layer(quick_run):
@@ -54,7 +66,16 @@ def test_expert_use_is_a_distribution_over_experts_per_task_and_layer(quick_run)
     use = json.loads((out / "results.json").read_text())["expert_use"]
     assert set(use) == {"vanilla", "adamoe"}
     for variant in use.values():
-        assert variant["tasks"] == ["ReachRed", "PickBlue"]
+        # The new tasks first, then the base suite's (from its reference demonstrations).
+        assert variant["tasks"] == [
+            "PlaceRedOnYellowPadThenStackGreenOnRed",
+            "StackGreenOnBlue",
+            "ReachRed",
+            "PickBlue",
+        ]
+        for layer, distances in variant["separation"].items():
+            assert layer in variant["layers"] and set(distances) == {"within_new", "within_old", "across"}
+            assert all(0.0 <= d <= 1.0 for d in distances.values())
         assert len(variant["layers"]) == 2  # the tiny preset's action expert has two FFNs
         for task in variant["tasks"]:
             for layer in variant["layers"]:
@@ -195,31 +216,40 @@ def test_variant_names_are_checked_against_the_known_kinds():
     assert proc.returncode != 0 and "error: variant 'dense-paper'" in proc.stderr
 
 
-def test_experiment_aggregates_seeds_and_pairs_each_variant_with_dense_in_the_same_seed():
-    def row(variant, train, heldout, loss):
-        return {
-            "variant": variant,
-            "params_total": 10,
-            "params_active": 5,
-            "latency_ms": 1.0,
-            "success_train": train,
-            "success_heldout": heldout,
-            "demo_flow_loss": loss,
-        }
+def _episodes(successes: list[int], task: str = "T") -> list[dict]:
+    return [{"task": task, "seed": 100_000 + i, "success": bool(s)} for i, s in enumerate(successes)]
 
-    runs = {
-        0: {"variants": [row("pretrained", 0.1, None, 0.3), row("dense", 0.2, 0.1, 0.20), row("thor", 0.3, 0.1, 0.21)]},
-        1: {"variants": [row("dense", 0.4, 0.2, 0.18), row("thor", 0.6, 0.2, 0.18)]},
+
+def test_experiment_pools_seeds_and_pairs_each_variant_with_dense_on_the_same_scenes():
+    rng = np.random.default_rng(0)
+    dense = {s: rng.random(50) < 0.5 for s in range(3)}
+    episodes = {
+        s: {
+            "dense": {"train": _episodes(dense[s])},
+            # succeeds wherever dense does and on a third of the rest: better on the same scenes
+            "thor": {"train": _episodes(dense[s] | (np.arange(50) % 3 == 0))},
+            "twin": {"train": _episodes(dense[s])},  # the same outcomes as dense
+        }
+        for s in range(3)
     }
-    rows = {r["variant"]: r for r in aggregate_seeds(runs, ["dense", "thor"])}
-    thor = rows["thor"]
-    assert thor["success_train"]["mean"] == pytest.approx(0.45)
-    assert thor["vs_dense"]["success_train"]["values"] == pytest.approx([0.1, 0.2])  # seed by seed
-    assert thor["vs_dense"]["demo_flow_loss"]["mean"] == pytest.approx(0.005)
-    assert "vs_dense" not in rows["dense"] and "success_heldout" not in rows["pretrained"]
-    table = seeds_markdown(list(rows.values()), [0, 1])
-    assert "| thor | +15.0 ± 7.1% | +0.0 ± 0.0% | +0.0050 ± 0.0071 |" in table
-    assert "| pretrained | 10 / 5 |" not in table and "10.0% (1 seed) | - |" in table
+    rows = {r["variant"]: r for r in aggregate_seeds(episodes, ["dense", "thor", "twin"], resamples=2000)}
+    pooled = np.concatenate([dense[s] for s in range(3)]).mean()
+    assert rows["dense"]["success_train"]["mean"] == pytest.approx(pooled)
+    assert rows["dense"]["success_train"]["episodes"] == 150
+    assert rows["dense"]["success_train"]["low"] < pooled < rows["dense"]["success_train"]["high"]
+    gain = rows["thor"]["vs_dense"]["train"]
+    assert gain["mean"] > 0 and gain["low"] > 0 and gain["significant"]
+    assert gain["mean"] == pytest.approx(rows["thor"]["success_train"]["mean"] - pooled)
+    same = rows["twin"]["vs_dense"]["train"]
+    assert same["mean"] == same["low"] == same["high"] == 0.0 and not same["significant"]
+    assert "vs_dense" not in rows["dense"]
+    facts = {v: {"params_total": 2e6, "params_active": 1e6, "latency_ms": 9.0} for v in ("dense", "thor", "twin")}
+    table = seeds_markdown(list(rows.values()), [0, 1, 2], facts)
+    assert f"| thor | **{100 * gain['mean']:+.1f} [" in table and "| twin | +0.0 [+0.0, +0.0] |" in table
+    # Episodes that are not on the same scenes are refused, not silently compared.
+    episodes[0]["thor"]["train"] = _episodes(dense[0][:49])
+    with pytest.raises(ValueError, match="not paired: 49 episodes against 50"):
+        aggregate_seeds(episodes, ["dense", "thor"], resamples=10)
 
 
 def test_demo_refuses_model_options_that_the_shipped_base_would_ignore():

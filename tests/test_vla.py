@@ -621,3 +621,52 @@ def test_a_checkpoint_saved_before_the_language_settings_loads_with_its_learned_
     torch.testing.assert_close(
         loaded.predict_action_chunk(batch, noise=noise), policy.predict_action_chunk(batch, noise=noise)
     )
+
+
+class _ChunkingStub:
+    """A deterministic chunking policy (no sampling noise): each chunk heads the hand toward a
+    point that depends on the observed state, so its episodes differ per scene."""
+
+    def __init__(self, steps: int = 2, horizon: int = 5) -> None:
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(n_action_steps=steps, cameras=(), image_size=8)
+        self.horizon = horizon
+        self._queue: list = []
+
+    def eval(self):
+        return self
+
+    def reset(self) -> None:
+        self._queue.clear()
+
+    def batch_from_observation(self, obs):
+        return obs
+
+    def predict_action_chunk(self, obs):
+        import torch
+
+        pos = torch.as_tensor(np.asarray(obs["agent_pos"]), dtype=torch.float32)
+        target = torch.tensor([0.1, 0.0, 0.15])
+        move = torch.clamp(10 * (target - pos[:, :3]), -1, 1)
+        grip = torch.ones(len(pos), 1) * torch.sign(pos[:, :1].sum(dim=1, keepdim=True))
+        return torch.cat([move, grip], dim=1)[:, None].repeat(1, self.horizon, 1)
+
+    def select_action(self, obs):  # the plain path: one queue for the whole batch
+        if not self._queue:
+            chunk = self.predict_action_chunk(obs)[:, : self.config.n_action_steps].numpy()
+            self._queue.extend(chunk.transpose(1, 0, 2))
+        return self._queue.pop(0)
+
+
+def test_evaluation_that_skips_finished_episodes_matches_stepping_the_whole_batch():
+    from policies.evaluation import EvalConfig, evaluate
+
+    tasks = ["adamoe/Tabletop-ReachRed-v0", "adamoe/Tabletop-PlaceRedOnYellowPadThenStackGreenOnRed-v0"]
+    results = {}
+    for skip in (True, False):
+        config = EvalConfig(episodes_per_task=6, max_envs=4, videos_per_task=0, skip_finished=skip)
+        results[skip] = evaluate(_ChunkingStub(), tasks, config, progress=False)["per_episode"]
+    assert results[True] == results[False]
+    lengths = [e["length"] for e in results[True]]
+    assert len(set(lengths)) > 1  # episodes of one wave ended at different steps: some were skipped

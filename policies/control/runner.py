@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import gymnasium as gym
@@ -9,7 +11,7 @@ import numpy as np
 import torch
 
 import envs  # noqa: F401  (registers the env ids)
-from envs.ids import is_tabletop, task_env_id
+from envs.ids import is_tabletop, task_env_id, task_name
 from envs.registration import resolve_env_ids
 from policies.control.clock import RealClock, SimClock
 from policies.control.config import ControlConfig
@@ -70,3 +72,117 @@ def run_policy(
             return loop.run(seed=seed)
     finally:
         robot.close()
+
+
+def run_episodes(
+    policy: Any,
+    tasks: str | list[str],
+    episodes_per_task: int,
+    config: ControlConfig,
+    seed: int = 100_000,
+    instruction_split: str = "train",
+    progress: bool = True,
+    clock: Callable[[], RealClock | SimClock] = RealClock,
+    max_episode_steps: int | None = None,
+) -> dict[str, Any]:
+    """Real-time rollouts of ``policy`` on every task of ``tasks`` (suite names or env ids),
+    on the scenes offline evaluation uses (``policies.evaluation``: seed ``seed + 1000 * task
+    index + i``), so success here pairs with offline success episode by episode. Each episode
+    runs until it ends (success or the env's time limit) on the wall clock. Returns the
+    per-episode records and the timing over every tick of every episode (``aggregate``)."""
+    from tqdm.auto import tqdm
+
+    if episodes_per_task < 1:
+        raise ValueError(f"episodes_per_task must be >= 1, got {episodes_per_task}")
+    if instruction_split not in ("train", "heldout"):
+        raise ValueError(f"instruction_split={instruction_split!r} is not one of ('train', 'heldout')")
+    config.validate()
+    ids = resolve_env_ids(tasks)
+    episodes, jitter, latency = [], [], []
+    policy.eval()
+    bar = tqdm(total=len(ids) * episodes_per_task, desc="real time", unit="ep", disable=not progress)
+    for task_index, env_id in enumerate(ids):
+        kwargs: dict[str, Any] = {"cameras": tuple(policy.config.cameras), "image_size": policy.config.image_size}
+        if is_tabletop(env_id):
+            kwargs["instruction_split"] = instruction_split
+        if max_episode_steps is not None:
+            kwargs["max_episode_steps"] = max_episode_steps
+        for i in range(episodes_per_task):
+            episode_clock = clock()
+            robot = MujocoRobot(gym.make(env_id, **kwargs), episode_clock)
+            episode_config = replace(config, max_ticks=max(config.max_ticks, 2 * _time_limit(robot.env)))
+            if episode_config.motion_dims is None and robot.action_space.shape == (4,):
+                episode_config.motion_dims = TABLETOP_MOTION_DIMS
+            episode_seed = seed + 1000 * task_index + i
+            try:
+                loop = ControlLoop(robot, chunk_fn(policy), episode_config, episode_clock)
+                with stop_on_interrupt(loop):
+                    result = loop.run(seed=episode_seed)
+            finally:
+                robot.close()
+            tel, s = result.telemetry, result.summary
+            jitter.append(np.abs(tel.tick_array("actual") - tel.tick_array("scheduled")))
+            latency.append(tel.chunk_array("finished") - tel.chunk_array("submitted"))
+            episodes.append(
+                {
+                    "task": task_name(env_id),
+                    "env_id": env_id,
+                    "seed": episode_seed,
+                    "success": bool(s.get("success", False)),
+                    "ticks": s["ticks"],
+                    "robot_steps": int(s.get("robot_steps", 0)),
+                    "deadline_misses": s["deadline_misses"],
+                    "starved_ticks": s["starved_ticks"],
+                    "chunks": s["chunks"],
+                    "jitter_p99_ms": s["jitter_ms"]["p99"],
+                    "stop_reason": s["stop_reason"],
+                }
+            )
+            bar.update(1)
+            if s["stop_reason"] == "stop_requested":  # Ctrl-C: keep what ran, skip the rest
+                bar.close()
+                return aggregate(episodes, jitter, latency, config)
+    bar.close()
+    return aggregate(episodes, jitter, latency, config)
+
+
+def _time_limit(env: gym.Env) -> int:
+    limit = getattr(env.spec, "max_episode_steps", None) if env.spec is not None else None
+    return int(limit) if limit else 1000
+
+
+def aggregate(
+    episodes: list[dict[str, Any]], jitter: list[np.ndarray], latency: list[np.ndarray], config: ControlConfig
+) -> dict[str, Any]:
+    """Success per task and overall, and timing over every tick and chunk of the episodes:
+    deadline misses, starved ticks (and their share), p99 tick jitter, inference latency."""
+    ticks = sum(e["ticks"] for e in episodes)
+    starved = sum(e["starved_ticks"] for e in episodes)
+    all_jitter = np.concatenate(jitter) if jitter else np.zeros(0)
+    all_latency = np.concatenate(latency) if latency else np.zeros(0)
+    pct = lambda values, q: float(np.percentile(values, q) * 1e3) if len(values) else float("nan")
+    per_task: dict[str, list[bool]] = {}
+    for e in episodes:
+        per_task.setdefault(e["task"], []).append(e["success"])
+    return {
+        "per_episode": episodes,
+        "per_task": {t: {"episodes": len(v), "success_rate": float(np.mean(v))} for t, v in per_task.items()},
+        "aggregated": {
+            "episodes": len(episodes),
+            "success_rate": float(np.mean([np.mean(v) for v in per_task.values()])) if per_task else 0.0,
+            "ticks": ticks,
+            "deadline_misses": sum(e["deadline_misses"] for e in episodes),
+            "starved_ticks": starved,
+            "starved_fraction": starved / ticks if ticks else 0.0,
+            "jitter_p99_ms": pct(all_jitter, 99),
+            "jitter_p99_fraction_of_period": pct(all_jitter, 99) / (1e3 * config.period) if ticks else 0.0,
+            "inference_latency_ms": {"median": pct(all_latency, 50), "p99": pct(all_latency, 99)},
+            "safe_stops": sum(e["stop_reason"] is not None for e in episodes),
+        },
+        "config": {
+            "rate_hz": config.rate_hz,
+            "mode": config.mode,
+            "merge": config.merge,
+            "threshold": config.threshold,
+        },
+    }
