@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo test bench pretrain experiment dt-merge families bam collect lint clean
+.PHONY: setup demo test bench pretrain experiment realtime dt-merge families bam collect lint clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ pretrain: setup
 
 experiment: setup
 	$(PY) scripts/experiment.py
+
+# The demo's fine-tuned dense and AdaMoE policies at 50 Hz in real time, beside offline success.
+realtime: setup
+	$(PY) scripts/control.py --checkpoint outputs/demo/checkpoints/dense outputs/demo/checkpoints/adamoe \
+		--suite tabletop-long --episodes 10 --output-dir outputs/realtime
 
 dt-merge: setup
 	$(PY) scripts/dt_merge.py

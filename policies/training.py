@@ -304,6 +304,21 @@ def _interrupt_between_steps() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
+def training_seconds(metrics: str | os.PathLike) -> float:
+    """The wall time a run's ``metrics.jsonl`` records, over every segment (a resumed or
+    paused run restarts ``elapsed_s`` at each segment: each segment's last value counts)."""
+    total, previous = 0.0, 0.0
+    for line in Path(metrics).read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
+        if record["elapsed_s"] < previous:
+            total += previous
+        previous = record["elapsed_s"]
+    return total + previous
+
+
 def train(
     policy: nn.Module,
     dataset: Any,

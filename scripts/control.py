@@ -48,6 +48,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--suite", nargs="+", default=None, help="run a suite (names or env ids) instead of one task")
     p.add_argument("--episodes", type=int, default=10, help="--suite: episodes per task")
     p.add_argument("--split", default="train", choices=("train", "heldout"), help="--suite: instruction phrasings")
+    p.add_argument(
+        "--simulate-latency",
+        type=float,
+        default=None,
+        metavar="TICKS",
+        help="--suite: run on virtual time, each inference taking TICKS control periods",
+    )
     p.add_argument("--rate", type=float, default=50.0, help="control rate in Hz")
     p.add_argument("--mode", default="async", choices=MODES)
     p.add_argument("--merge", default="latest", choices=MERGE_RULES)
@@ -89,6 +96,8 @@ def run_suite(args: argparse.Namespace) -> dict:
     """Every checkpoint on the suite in real time and offline, on the same scenes."""
     if args.episodes < 1:
         raise ValueError(f"--episodes must be >= 1, got {args.episodes}")
+    if args.simulate_latency is not None and not 0 <= args.simulate_latency <= 100:
+        raise ValueError(f"--simulate-latency must be in [0, 100] ticks, got {args.simulate_latency}")
     tasks = list(resolve_env_ids(args.suite))
     names = [Path(c).name for c in args.checkpoint]
     if len(set(names)) != len(names):
@@ -109,14 +118,19 @@ def run_suite(args: argparse.Namespace) -> dict:
         eval_config = EvalConfig(episodes_per_task=args.episodes, instruction_split=args.split, videos_per_task=0)
         offline = evaluate(policy, tasks, eval_config, out / name / "offline")
         torch.manual_seed(args.seed)
-        realtime = run_episodes(policy, tasks, args.episodes, config, instruction_split=args.split)
+        latency = None if args.simulate_latency is None else args.simulate_latency / args.rate
+        realtime = run_episodes(
+            policy, tasks, args.episodes, config, instruction_split=args.split, simulated_latency_s=latency
+        )
         write_json(out / name / "realtime.json", realtime)
         results[name] = compare(offline, realtime)
         results[name]["checkpoint"] = str(args.checkpoint[names.index(name)])
     summary = {"tasks": tasks, "episodes_per_task": args.episodes, "split": args.split, "policies": results}
     summary["machine"] = machine()
     write_json(out / "results.json", summary)
-    table = realtime_markdown(results, args.rate, args.mode)
+    if args.simulate_latency is not None:
+        summary["simulated_latency_ticks"] = args.simulate_latency
+    table = realtime_markdown(results, args.rate, args.mode, args.simulate_latency)
     write_text(out / "results.md", table + "\n")
     print(table)
     print(f"-> {out}/results.md, {out}/results.json")

@@ -9,7 +9,8 @@ Each seed is one run of the main job's pipeline (``policies.vla.pipeline``) unde
 paper init), adamoe (paper init) and adamoe-preserve are fine-tuned on the new suite
 (``tabletop-long``) for the same steps on the same batches, and evaluated on its training
 and held-out phrasings and on the base suite (retention). The seeds share one collection
-(under ``<output-dir>/datasets/``) and one pretrained base, so the spread measures
+(under ``<output-dir>/datasets/``) and one pretrained base, and each evaluates on its own
+scenes (seed s: 100 scene seeds per task from ``100000 + 100 s``), so the spread measures
 fine-tuning and evaluation noise around one starting point; ``--pretrain-per-seed`` runs
 the pretraining recipe once per seed and the spread includes pretraining.
 
@@ -59,12 +60,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+SCENES_PER_SEED = 100  # each seed evaluates on its own block of scenes (at most this many per task)
+
+
 def seed_config(base: Any, out: Path, seed: int, first: int, shared: bool) -> Any:
+    """Seed ``seed``'s run: its own fine-tuning batches and noise, and its own evaluation
+    scenes (every variant of the seed on the same ones, so the comparison stays paired)."""
     cfg = replace(base, output_dir=str(out / f"seed{seed}"), seed=seed, datasets_root=str(out / "datasets"))
+    cfg.eval_seed = base.eval_seed + SCENES_PER_SEED * seed
     if shared and seed != first:
         if base.pretrain:  # seed <first> pretrains; the others start from its base
             cfg.pretrain, cfg.pretrained = False, str(replace(base, output_dir=str(out / f"seed{first}")).base)
-        cfg.eval_pretrained = False  # the same policy as seed <first>'s
+        cfg.zero_shot = False  # the same policy as seed <first>'s; its retention here is this seed's reference
     return cfg
 
 
@@ -97,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     base = replace(base, variants=variants, curve_points=1, **{k: v for k, v in given.items() if v is not None})
     if args.pretrain_per_seed:
         base.pretrain = True
+    for name in ("eval_episodes", "retention_episodes"):
+        if getattr(base, name) > SCENES_PER_SEED:
+            raise ValueError(f"--{name.replace('_', '-')} must be at most {SCENES_PER_SEED} (a seed's block of scenes)")
+    if any(s < 0 for s in args.seeds):
+        raise ValueError(f"--seeds must be >= 0, got {args.seeds}")
     base.validate()  # bad settings fail here, before anything is collected or trained
     began = time.perf_counter()
     runs, episodes = {}, {}

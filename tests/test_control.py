@@ -312,3 +312,19 @@ def test_control_command_compares_checkpoints_in_real_time_with_offline_on_a_sui
     assert "| dense | 1 |" in proc.stdout and "| adamoe | 1 |" in proc.stdout
     bad = run_script("control.py", *args, "--episodes", "0", check=False)
     assert bad.returncode == 2 and "--episodes must be >= 1, got 0" in bad.stderr
+
+
+@pytest.mark.filterwarnings("ignore:this policy's state/action normalisation statistics were never set")
+def test_a_simulated_latency_runs_on_virtual_time_with_every_inference_taking_that_long():
+    from policies.control.runner import run_episodes
+
+    policy = _tiny_policy()
+    config = ControlConfig(rate_hz=50, mode="async", threshold=8)
+    run = run_episodes(
+        policy, "adamoe/Tabletop-ReachRed-v0", 1, config, max_episode_steps=20, simulated_latency_s=0.06, progress=False
+    )
+    timing = run["aggregated"]
+    assert timing["inference_latency_ms"]["median"] == pytest.approx(60.0)
+    assert timing["deadline_misses"] == 0 and run["per_episode"][0]["robot_steps"] == 20
+    with pytest.raises(ValueError, match="simulated_latency_s must be in"):
+        run_episodes(policy, "adamoe/Tabletop-ReachRed-v0", 1, config, simulated_latency_s=-1.0)

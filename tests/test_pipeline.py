@@ -232,6 +232,9 @@ def test_experiment_pools_seeds_and_pairs_each_variant_with_dense_on_the_same_sc
         }
         for s in range(3)
     }
+    for s in range(3):  # retention: the base solves every old scene; thor forgets a fifth of them
+        episodes[s]["pretrained"] = {"retention": _episodes([1] * 40, task="Old")}
+        episodes[s]["thor"]["retention"] = _episodes(np.arange(40) % 5 != 0, task="Old")
     rows = {r["variant"]: r for r in aggregate_seeds(episodes, ["dense", "thor", "twin"], resamples=2000)}
     pooled = np.concatenate([dense[s] for s in range(3)]).mean()
     assert rows["dense"]["success_train"]["mean"] == pytest.approx(pooled)
@@ -243,9 +246,13 @@ def test_experiment_pools_seeds_and_pairs_each_variant_with_dense_on_the_same_sc
     same = rows["twin"]["vs_dense"]["train"]
     assert same["mean"] == same["low"] == same["high"] == 0.0 and not same["significant"]
     assert "vs_dense" not in rows["dense"]
+    forgot = rows["thor"]["vs_pretrained_retention"]
+    assert forgot["mean"] == pytest.approx(-0.2) and forgot["high"] < 0 and forgot["significant"]
+    assert "vs_pretrained_retention" not in rows["twin"] and rows["pretrained"]["success_retention"]["mean"] == 1.0
     facts = {v: {"params_total": 2e6, "params_active": 1e6, "latency_ms": 9.0} for v in ("dense", "thor", "twin")}
     table = seeds_markdown(list(rows.values()), [0, 1, 2], facts)
-    assert f"| thor | **{100 * gain['mean']:+.1f} [" in table and "| twin | +0.0 [+0.0, +0.0] |" in table
+    assert f"| thor | **{100 * gain['mean']:+.1f} [" in table and "| twin | +0.0 [+0.0, +0.0] | - |" in table
+    assert "| thor | **-20.0 [" in table
     # Episodes that are not on the same scenes are refused, not silently compared.
     episodes[0]["thor"]["train"] = _episodes(dense[0][:49])
     with pytest.raises(ValueError, match="not paired: 49 episodes against 50"):

@@ -367,3 +367,13 @@ def test_scene_auxiliary_loss_is_training_only(dataset, tmp_path):
     torch.testing.assert_close(from_pretrained(tmp_path / "ckpt").predict_action_chunk(without, noise=noise), actions)
     with pytest.raises(ValueError, match="environment_state"):
         policy.train()(without)
+
+
+def test_training_seconds_add_up_every_segment_of_a_resumed_run(tmp_path):
+    from policies.training import training_seconds
+
+    lines = [{"step": 10, "elapsed_s": 4.0}, {"step": 20, "elapsed_s": 9.0}]  # the first segment
+    lines += [{"step": 30, "elapsed_s": 3.0}, {"step": 40, "elapsed_s": 5.5}]  # resumed: the clock restarts
+    text = "\n".join(json.dumps(line) for line in lines) + '\n{"step": 50, "elaps'  # a line cut short by a crash
+    (tmp_path / "metrics.jsonl").write_text(text)
+    assert training_seconds(tmp_path / "metrics.jsonl") == 14.5

@@ -48,11 +48,14 @@ def compare(offline: dict[str, Any], realtime: dict[str, Any]) -> dict[str, Any]
     }
 
 
-def realtime_markdown(results: dict[str, dict[str, Any]], rate_hz: float, mode: str) -> str:
+def realtime_markdown(
+    results: dict[str, dict[str, Any]], rate_hz: float, mode: str, simulated_ticks: float | None = None
+) -> str:
     """One row per policy: success offline and in real time, their paired difference, and timing."""
     pct = lambda r: f"{100 * r['success']:.1f}% [{100 * r['low']:.0f}, {100 * r['high']:.0f}]"
+    clock = "" if simulated_ticks is None else f", virtual time, every inference {simulated_ticks:g} ticks"
     lines = [
-        f"Real time at {rate_hz:g} Hz ({mode} inference) against offline evaluation on the same scenes; "
+        f"Real time at {rate_hz:g} Hz ({mode} inference{clock}) against offline evaluation on the same scenes; "
         "95% intervals; the difference is paired per episode (**bold**: significant).",
         "",
         "| policy | episodes | offline success | real-time success | real time - offline | deadline misses "

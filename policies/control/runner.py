@@ -84,11 +84,15 @@ def run_episodes(
     progress: bool = True,
     clock: Callable[[], RealClock | SimClock] = RealClock,
     max_episode_steps: int | None = None,
+    simulated_latency_s: float | None = None,
 ) -> dict[str, Any]:
     """Real-time rollouts of ``policy`` on every task of ``tasks`` (suite names or env ids),
     on the scenes offline evaluation uses (``policies.evaluation``: seed ``seed + 1000 * task
     index + i``), so success here pairs with offline success episode by episode. Each episode
-    runs until it ends (success or the env's time limit) on the wall clock. Returns the
+    runs until it ends (success or the env's time limit) on the wall clock (``clock``: a
+    fresh one per episode; ``max_episode_steps`` overrides the envs' time limits).
+    ``simulated_latency_s``: run on virtual time instead, every inference taking exactly
+    that long (a deterministic study of what latency does to success). Returns the
     per-episode records and the timing over every tick of every episode (``aggregate``)."""
     from tqdm.auto import tqdm
 
@@ -97,6 +101,10 @@ def run_episodes(
     if instruction_split not in ("train", "heldout"):
         raise ValueError(f"instruction_split={instruction_split!r} is not one of ('train', 'heldout')")
     config.validate()
+    if simulated_latency_s is not None:
+        if not (isinstance(simulated_latency_s, (int, float)) and 0 <= simulated_latency_s < 10):
+            raise ValueError(f"simulated_latency_s must be in [0, 10) seconds, got {simulated_latency_s!r}")
+        clock = SimClock
     ids = resolve_env_ids(tasks)
     episodes, jitter, latency = [], [], []
     policy.eval()
@@ -115,7 +123,10 @@ def run_episodes(
                 episode_config.motion_dims = TABLETOP_MOTION_DIMS
             episode_seed = seed + 1000 * task_index + i
             try:
-                loop = ControlLoop(robot, chunk_fn(policy), episode_config, episode_clock)
+                infer = chunk_fn(policy)
+                if simulated_latency_s is not None:
+                    infer = _taking(infer, episode_clock, simulated_latency_s)
+                loop = ControlLoop(robot, infer, episode_config, episode_clock)
                 with stop_on_interrupt(loop):
                     result = loop.run(seed=episode_seed)
             finally:
@@ -144,6 +155,17 @@ def run_episodes(
                 return aggregate(episodes, jitter, latency, config)
     bar.close()
     return aggregate(episodes, jitter, latency, config)
+
+
+def _taking(infer: Callable[[Any], np.ndarray], clock: SimClock, seconds: float) -> Callable[[Any], np.ndarray]:
+    """``infer`` taking ``seconds`` of ``clock``'s virtual time (however long it computes)."""
+
+    def run(obs: Any) -> np.ndarray:
+        chunk = infer(obs)
+        clock.sleep(seconds)
+        return chunk
+
+    return run
 
 
 def _time_limit(env: gym.Env) -> int:

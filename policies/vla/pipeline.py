@@ -57,7 +57,7 @@ from policies.data import ChunkDataset
 from policies.evaluation import EvalConfig, evaluate
 from policies.io import log, read_json, record_stage, stage_matches, write_json, write_text
 from policies.pretrained import from_pretrained, weights_sha256
-from policies.training import TrainConfig, train
+from policies.training import TrainConfig, train, training_seconds
 from policies.vla import recipe
 from policies.vla.configuration_vla import parse_overrides, vla_config
 from policies.vla.families import DEMO_VARIANTS, KINDS, parse_variant, upcycle_as
@@ -123,14 +123,19 @@ class PipelineConfig:
     init: str = "paper"
     num_experts: int = 4
     top_k: int = 1
-    # The fine-tuning curve: success at ``curve_points`` evenly spaced steps (the last is the
-    # final evaluation), ``curve_episodes`` per task on the training phrasings at the others.
+    # The fine-tuning curve of ``curve_variants``: success at ``curve_points`` evenly spaced
+    # steps (the last is the final evaluation), ``curve_episodes`` per task on the training
+    # phrasings at the others (and the pretrained policy's zero-shot success at step 0).
     curve_points: int = 3
     curve_episodes: int = 5
+    curve_variants: list[str] = field(default_factory=lambda: ["dense"])
     # Evaluation.
     eval_episodes: int = 10  # per task of the new suite and phrasing split
     retention_episodes: int = 5  # per task of the base suite (0: no retention check)
-    eval_pretrained: bool = True  # the starting point: zero-shot on the new suite, and its retention reference
+    eval_pretrained: bool = True  # the starting point: its retention reference, and (zero_shot) the new suite
+    zero_shot: bool = True  # the pretrained policy on the new suite too (training phrasings)
+    # Evaluation scenes: task i's episode j is seed eval_seed + 1000 * i + j (no demonstration's).
+    eval_seed: int = 100_000
     videos: int = 1
     latency_calls: int = 30
     seed: int = 0
@@ -146,7 +151,7 @@ class PipelineConfig:
         return self.root / "reference"
 
     def validate(self) -> None:
-        for name in self.variants:
+        for name in [*self.variants, *self.curve_variants]:
             parse_variant(name, self.init)
         if self.init not in adamoe.config.INITS:
             raise ValueError(f"init={self.init!r} is not one of {adamoe.config.INITS}")
@@ -161,6 +166,8 @@ class PipelineConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_seed < 0:
+            raise ValueError(f"eval_seed must be >= 0, got {self.eval_seed}")
         for name in ("retention_episodes", "reference_episodes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: none), got {getattr(self, name)}")
@@ -252,6 +259,7 @@ QUICK = {
     "finetune_steps": 10,
     "curve_points": 2,
     "curve_episodes": 1,
+    "curve_variants": list(DEMO_VARIANTS),
     "eval_episodes": 1,
     "retention_episodes": 1,
     "eval_pretrained": False,
@@ -291,12 +299,18 @@ def collect(
     run_collection(job, progress=cfg.progress)
 
 
+def old_tasks(cfg: PipelineConfig) -> list[str]:
+    """The base suite's tasks that the fine-tuning suite does not hold."""
+    new = set(resolve_env_ids(cfg.suite))
+    return [e for e in resolve_env_ids(cfg.base_suite) if e not in new]
+
+
 def collect_all(cfg: PipelineConfig, env_ids: list[str]) -> None:
-    """The new suite's demonstrations, and a few noise-free ones of the base suite (frames
-    that show how the fine-tuned policies route the old tasks)."""
+    """The new suite's demonstrations, and a few noise-free ones of the old tasks (frames
+    that show how the fine-tuned policies route them)."""
     collect(cfg, env_ids)
-    if cfg.reference_episodes:
-        collect(cfg, list(resolve_env_ids(cfg.base_suite)), cfg.reference_root, cfg.reference_episodes, [0.0])
+    if cfg.reference_episodes and old_tasks(cfg):
+        collect(cfg, old_tasks(cfg), cfg.reference_root, cfg.reference_episodes, [0.0])
 
 
 def expert_success(cfg: PipelineConfig, env_ids: list[str]) -> dict[str, float]:
@@ -355,6 +369,7 @@ def train_stage(
         points.append({"step": step, **curve(policy, step)})
         write_json(run_dir / "curve.json", points)
     summary = train(policy, data, train_config, run_dir, resume=True)
+    summary["wall_s"] = training_seconds(run_dir / "metrics.jsonl")  # every segment's, not the last one's
     policy.save_pretrained(checkpoint, overwrite=True)
     write_json(run_dir / "summary.json", summary)
     log(f"{what}: {summary['wall_s'] / 60:.1f} min, final loss {summary['final_loss']:.4f}")
@@ -402,7 +417,9 @@ def finetune_settings(cfg: PipelineConfig, pretrained: Path, variant: str) -> di
         "top_k": cfg.top_k,
         "data": {"root": str(cfg.root), "episodes_per_task": cfg.episodes_per_task, "noise": list(cfg.noise)},
         "train": {"steps": cfg.finetune_steps, "batch_size": cfg.batch_size, "lr": cfg.finetune_lr, "seed": cfg.seed},
-        "curve": {"steps": cfg.curve_steps(), "episodes_per_task": cfg.curve_episodes},
+        "curve": {"steps": cfg.curve_steps(), "episodes_per_task": cfg.curve_episodes}
+        if variant in cfg.curve_variants
+        else None,
     }
 
 
@@ -413,7 +430,7 @@ def curve_point(cfg: PipelineConfig, env_ids: list[str]) -> Callable[[VLAPolicy,
     def measure(policy: VLAPolicy, step: int) -> dict[str, Any]:
         with torch.random.fork_rng():
             torch.manual_seed(cfg.seed)
-            config = EvalConfig(episodes_per_task=cfg.curve_episodes, videos_per_task=0)
+            config = EvalConfig(episodes_per_task=cfg.curve_episodes, seed=cfg.eval_seed, videos_per_task=0)
             result = evaluate(policy, env_ids, config, progress=False)
         successes = {t: round(r["success_rate"] * r["episodes"]) for t, r in result["per_task"].items()}
         rate = result["aggregated"]["success_rate"]
@@ -441,7 +458,7 @@ def finetune(cfg: PipelineConfig, data: ChunkDataset, pretrained: Path, env_ids:
             lambda v=variant: upcycled(cfg, pretrained, v),
             data,
             train_config,
-            curve=curve_point(cfg, env_ids),
+            curve=curve_point(cfg, env_ids) if variant in cfg.curve_variants else None,
             curve_steps=cfg.curve_steps(),
         )
 
@@ -462,13 +479,18 @@ def evaluations(cfg: PipelineConfig, name: str, env_ids: list[str]) -> list[tupl
     phrasing splits (the pretrained policy: training phrasings, zero-shot), and the base
     suite on its training phrasings (retention) when ``retention_episodes``."""
     tabletop = all(is_tabletop(e) for e in env_ids)
+    splits = SPLITS if tabletop else ("train",)
+    if name == "pretrained":
+        splits = ("train",) if cfg.zero_shot else ()
     out = []
-    for split in SPLITS if tabletop and name != "pretrained" else ("train",):
+    for split in splits:
         videos = cfg.videos if split == "train" else 0
-        config = EvalConfig(episodes_per_task=cfg.eval_episodes, instruction_split=split, videos_per_task=videos)
+        config = EvalConfig(
+            episodes_per_task=cfg.eval_episodes, seed=cfg.eval_seed, instruction_split=split, videos_per_task=videos
+        )
         out.append((split, env_ids, config))
     if cfg.retention_episodes:
-        config = EvalConfig(episodes_per_task=cfg.retention_episodes, videos_per_task=0)
+        config = EvalConfig(episodes_per_task=cfg.retention_episodes, seed=cfg.eval_seed, videos_per_task=0)
         out.append(("retention", list(resolve_env_ids(cfg.base_suite)), config))
     return out
 
@@ -484,6 +506,7 @@ def evaluate_all(cfg: PipelineConfig, env_ids: list[str]) -> None:
                 "episodes_per_task": config.episodes_per_task,
                 "split": config.instruction_split,
                 "seed": cfg.seed,
+                "scenes": config.seed,
             }
             if (out / "eval_info.json").is_file() and stage_matches(out, settings, f"evaluate {name} ({split})"):
                 log(f"evaluate {name} ({split}): {out / 'eval_info.json'} exists")
@@ -516,8 +539,7 @@ def report(
     names = [name for name, _ in evaluated(cfg)]
     policies = {name: from_pretrained(path) for name, path in evaluated(cfg)}
     frames = task_frames(data, env_ids, per_task=64, seed=cfg.seed)
-    old_ids = list(resolve_env_ids(cfg.base_suite))
-    old_frames = task_frames(reference, old_ids, per_task=64, seed=cfg.seed) if reference is not None else {}
+    old_frames = task_frames(reference, old_tasks(cfg), per_task=64, seed=cfg.seed) if reference is not None else {}
     one = data.get(next(iter(frames.values()))[:1]) if frames else data.get(np.array([0]))
     one = {k: v for k, v in one.items() if k not in (SCENE_POSITIONS, SCENE_FEATURES)}  # time the encoder too
     times = latency(policies, one, cfg.latency_calls)
@@ -605,10 +627,10 @@ def load_data(cfg: PipelineConfig, env_ids: list[str], root: Path | None = None)
 
 
 def load_reference(cfg: PipelineConfig) -> ChunkDataset | None:
-    """The base suite's reference frames (None without them)."""
-    if not cfg.reference_episodes:
+    """The old tasks' reference frames (None without them)."""
+    if not cfg.reference_episodes or not old_tasks(cfg):
         return None
-    return load_data(cfg, list(resolve_env_ids(cfg.base_suite)), cfg.reference_root)
+    return load_data(cfg, old_tasks(cfg), cfg.reference_root)
 
 
 def run(cfg: PipelineConfig, data: ChunkDataset | None = None, reference: ChunkDataset | None = None) -> dict[str, Any]:
@@ -659,6 +681,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", default=d.init, choices=adamoe.config.INITS, help="upcycling initialisation")
     p.add_argument("--curve-points", type=int, default=None, help="steps the fine-tuning curve measures success at")
     p.add_argument("--curve-episodes", type=int, default=None, help="episodes per task at each earlier curve point")
+    p.add_argument(
+        "--curve-variants", nargs="*", default=None, help=f"variants with a curve (default {d.curve_variants})"
+    )
     p.add_argument("--eval-episodes", type=int, default=None, help="episodes per task and phrasing split")
     p.add_argument("--retention-episodes", type=int, default=None, help="episodes per base task (0: no retention)")
     p.add_argument("--no-eval-pretrained", action="store_true", help="skip evaluating the pretrained policy")
@@ -688,6 +713,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
         "variants": args.variants,
         "curve_points": args.curve_points,
         "curve_episodes": args.curve_episodes,
+        "curve_variants": args.curve_variants,
         "eval_episodes": args.eval_episodes,
         "retention_episodes": args.retention_episodes,
     }

@@ -24,7 +24,6 @@ each add points on top.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -43,7 +42,7 @@ from policies.data import BALANCES, ChunkDataset
 from policies.evaluation import EvalConfig, evaluate
 from policies.io import fingerprint, log, read_json, write_json
 from policies.pretrained import from_pretrained
-from policies.training import TrainConfig, resolve_device, train
+from policies.training import TrainConfig, resolve_device, train, training_seconds
 from policies.vla.configuration_vla import vla_config
 from policies.vla.modeling_vla import VLAPolicy
 from policies.vla.perception import (
@@ -375,7 +374,7 @@ def train_policy(cfg: RecipeConfig, env_ids: list[str], perception_checkpoint: P
         if any(p["step"] == point for p in curve):
             continue
         summary = train(policy, data, train_config, out / "run", resume=True, stop_at=point)
-        minutes = _training_minutes(out / "run" / "metrics.jsonl")
+        minutes = training_seconds(out / "run" / "metrics.jsonl") / 60
         torch.manual_seed(cfg.seed)
         result = evaluate(
             policy, env_ids, EvalConfig(episodes_per_task=cfg.curve_episodes, videos_per_task=0), progress=False
@@ -390,17 +389,6 @@ def train_policy(cfg: RecipeConfig, env_ids: list[str], perception_checkpoint: P
     policy.save_pretrained(checkpoint)
     mark_complete(cfg, "policy", {"encode_s": encode_s, "wall_s": time.perf_counter() - stage_began})
     return checkpoint
-
-
-def _training_minutes(metrics: Path) -> float:
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    # elapsed_s restarts at every resumed segment: sum each segment's last value.
-    total, previous = 0.0, 0.0
-    for record in records:
-        if record["elapsed_s"] < previous:
-            total += previous
-        previous = record["elapsed_s"]
-    return (total + previous) / 60
 
 
 def evaluate_policy(cfg: RecipeConfig, env_ids: list[str], checkpoint: Path) -> dict[str, Any]:

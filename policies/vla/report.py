@@ -267,6 +267,11 @@ def to_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _wrapped(task: str) -> str:
+    """A long task's name over lines, one stage per line (for axis labels and titles)."""
+    return task.replace("Then", "\nThen")
+
+
 def plot_success(results: dict[str, Any], path: Path) -> None:
     """Success per task: grouped bars for a few variants, a task x variant grid for many."""
     plt = pyplot()
@@ -304,13 +309,13 @@ def plot_success(results: dict[str, Any], path: Path) -> None:
                 )
         expert = [100 * results["expert_success"][t] for t in tasks]
         ax.bar(x + len(rows) * width, expert, width, label="scripted expert", color="#dddddd", edgecolor="#999999")
-        ax.set_xticks(x + 0.4 - width / 2, tasks, rotation=60, ha="right", fontsize=8)
+        ax.set_xticks(x + 0.4 - width / 2, [_wrapped(t) for t in tasks], rotation=60, ha="right", fontsize=7)
         ax.set_ylabel("success (%)")
         ax.set_ylim(0, 105)
         ax.set_title("Success per task, training phrasings (whiskers: 95% intervals)", pad=24)
         ax.legend(fontsize=7, ncol=len(rows) + 1, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     fig.tight_layout()
-    save_figure(fig, path, dpi=120)
+    save_figure(fig, path, dpi=120, bbox_inches="tight")
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
@@ -436,13 +441,13 @@ def plot_stage_progress(results: dict[str, Any], path: Path) -> None:
             values = [100 * v for v in r["stages_train"].get(task, [np.nan] * n)]
             ax.bar(np.arange(n) + i * width, values, width, color=colors[r["variant"]], label=r["variant"])
         ax.set_xticks(np.arange(n) + 0.4 - width / 2, [f"stage {k + 1}" for k in range(n)], fontsize=8)
-        ax.set_title(task, fontsize=7)
+        ax.set_title(_wrapped(task), fontsize=7)
         ax.set_ylim(0, 105)
     axes[0][0].set_ylabel("episodes that completed it (%)")
     axes[0][0].legend(fontsize=7)
     fig.suptitle("Per-stage progress on the long tasks (training phrasings)", fontsize=10)
     fig.tight_layout()
-    save_figure(fig, path, dpi=120)
+    save_figure(fig, path, dpi=120, bbox_inches="tight")
 
 
 # -- over seeds (make experiment) ------------------------------------------------------
@@ -493,12 +498,25 @@ def aggregate_seeds(
                 if split in episodes[s].get(name, {}) and split in episodes[s].get(reference, {})
             ]
             if diffs:
-                d = hierarchical_bootstrap(diffs, resamples)
-                d["significant"] = bool(d["low"] > 0 or d["high"] < 0)
-                d["per_seed"] = [float(np.mean(g)) for g in diffs]
-                row.setdefault("vs_dense", {})[split] = d
+                row.setdefault("vs_dense", {})[split] = _paired(diffs, resamples)
+        forgot = [
+            paired_episodes(episodes[s][name]["retention"], episodes[s]["pretrained"]["retention"])
+            for s in seeds
+            if name != "pretrained"
+            and "retention" in episodes[s].get(name, {})
+            and "retention" in episodes[s].get("pretrained", {})
+        ]
+        if forgot:  # retention against the starting point on the same base-suite scenes
+            row["vs_pretrained_retention"] = _paired(forgot, resamples)
         rows.append(row)
     return rows
+
+
+def _paired(diffs: list[list[float]], resamples: int) -> dict[str, Any]:
+    d: dict[str, Any] = hierarchical_bootstrap(diffs, resamples)
+    d["significant"] = bool(d["low"] > 0 or d["high"] < 0)
+    d["per_seed"] = [float(np.mean(g)) for g in diffs]
+    return d
 
 
 def _split_order(split: str) -> int:
@@ -549,6 +567,20 @@ def seeds_markdown(rows: list[dict[str, Any]], seeds: list[int], facts: dict[str
                 text = f"{100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
                 cells.append(f"**{text}**" if d["significant"] else text)
             lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
+    forgot = [r for r in rows if "vs_pretrained_retention" in r]
+    if forgot:
+        lines += [
+            "",
+            "Retention against the pretrained base on the same base-suite scenes (the variant's success minus "
+            "the base's, in points; 95% paired bootstrap interval; **bold**: significant):",
+            "",
+            "| variant | change on the base suite |",
+            "|---|---:|",
+        ]
+        for r in forgot:
+            d = r["vs_pretrained_retention"]
+            text = f"{100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+            lines.append(f"| {r['variant']} | {f'**{text}**' if d['significant'] else text} |")
     return "\n".join(lines)
 
 
