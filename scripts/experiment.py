@@ -92,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output_dir or ("outputs/experiment_quick" if args.quick else "outputs/experiment"))
     given = {
         "suite": args.suite,
-        "eval_episodes": args.eval_episodes or (None if args.quick else EVAL_EPISODES),
+        "eval_episodes": args.eval_episodes
+        if args.eval_episodes is not None
+        else (None if args.quick else EVAL_EPISODES),
         "retention_episodes": args.retention_episodes
         if args.retention_episodes is not None
         else (None if args.quick else RETENTION_EPISODES),
