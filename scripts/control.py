@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--merge", default="latest", choices=MERGE_RULES)
     p.add_argument("--threshold", type=int, default=None, help="async: infer when this many actions are left")
     p.add_argument("--max-delta", type=float, default=None, help="largest change of an action entry per tick")
+    p.add_argument(
+        "--inpaint", action="store_true", help="async: real-time chunking (each chunk continues the planned actions)"
+    )
     p.add_argument("--seconds", type=float, default=None, help="run length (default: until the episode ends)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--video", action="store_true")
@@ -79,6 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
         merge=args.merge,
         threshold=args.threshold,
         max_delta=args.max_delta,
+        inpaint=args.inpaint,
         max_ticks=min(ticks, 10**6),
         stop_on_done=args.seconds is None,
         video=args.video,
@@ -111,7 +115,12 @@ def run_suite(args: argparse.Namespace) -> dict:
     results = {}
     for name, policy in policies.items():
         config = ControlConfig(
-            rate_hz=args.rate, mode=args.mode, merge=args.merge, threshold=args.threshold, max_delta=args.max_delta
+            rate_hz=args.rate,
+            mode=args.mode,
+            merge=args.merge,
+            threshold=args.threshold,
+            max_delta=args.max_delta,
+            inpaint=args.inpaint,
         )
         log(f"{name}: {args.episodes} episodes per task offline, then in real time at {args.rate:g} Hz ({args.mode})")
         torch.manual_seed(args.seed)

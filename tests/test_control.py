@@ -328,3 +328,62 @@ def test_a_simulated_latency_runs_on_virtual_time_with_every_inference_taking_th
     assert timing["deadline_misses"] == 0 and run["per_episode"][0]["robot_steps"] == 20
     with pytest.raises(ValueError, match="simulated_latency_s must be in"):
         run_episodes(policy, "adamoe/Tabletop-ReachRed-v0", 1, config, simulated_latency_s=-1.0)
+
+
+def test_inpainting_weights_hold_the_committed_actions_and_decay_over_the_rest_of_the_plan():
+    from policies.control.plan import inpainting_weights
+
+    w = inpainting_weights(8, 3)
+    assert w.shape == (8,) and (w[:3] == 1.0).all()
+    assert (np.diff(w[3:]) < 0).all() and 0.0 < w[-1] < w[3] <= 1.0
+    assert (inpainting_weights(4, 9) == 1.0).all()  # more committed than planned: all held
+
+
+def test_the_plan_reads_the_actions_planned_ahead_without_consuming_them():
+    plan = ActionPlan("latest")
+    plan.merge(np.arange(12, dtype=np.float32).reshape(6, 2), start_tick=4, obs_tick=4, now_tick=4)
+    ahead = plan.planned(5, limit=3)
+    assert np.array_equal(ahead, [[2, 3], [4, 5], [6, 7]]) and plan.depth(4) == 6
+    assert plan.planned(20, limit=3).shape == (0, 0)
+
+
+@pytest.mark.filterwarnings("ignore:this policy's state/action normalisation statistics were never set")
+def test_an_inpainted_chunk_ends_on_a_fully_weighted_prefix_and_stays_free_where_unweighted():
+    import torch
+
+    policy = _tiny_policy()
+    obs = {
+        "agent_pos": np.zeros(4, np.float32),
+        "environment_state": np.zeros(25, np.float32),
+        "instruction": "pick up the red cube",
+        "pixels": {c: np.zeros((policy.config.image_size,) * 2 + (3,), np.uint8) for c in policy.config.cameras},
+    }
+    batch = policy.batch_from_observation(obs)
+    noise = torch.randn(1, policy.config.chunk_size, policy.config.action_dim)
+    free = policy.predict_action_chunk(batch, noise=noise)
+    prefix = np.full((3, policy.config.action_dim), 0.5, np.float32)
+    held = policy.predict_action_chunk(batch, noise=noise, prefix=prefix, prefix_weights=[1.0, 1.0, 1.0])
+    assert torch.allclose(held[0, :3], torch.as_tensor(prefix), atol=1e-5)
+    unweighted = policy.predict_action_chunk(batch, noise=noise, prefix=prefix, prefix_weights=[0.0, 0.0, 0.0])
+    assert torch.allclose(unweighted, free, atol=1e-6)
+    with pytest.raises(ValueError, match="prefix_weights must be 3 numbers in"):
+        policy.predict_action_chunk(batch, prefix=prefix, prefix_weights=[1.0, 2.0, 0.0])
+    with pytest.raises(ValueError, match="prefix must be"):
+        policy.predict_action_chunk(batch, prefix=np.zeros((99, policy.config.action_dim), np.float32))
+
+
+def test_an_inpainting_loop_hands_the_planned_actions_to_the_chunk_function():
+    clock = SimClock()
+    robot = FakeRobot(clock)
+    seen = []
+
+    def chunk(obs, prefix=None, weights=None):
+        seen.append(None if prefix is None else (len(prefix), weights.copy()))
+        clock.sleep(2 * PERIOD)
+        return np.zeros((10, 4), np.float32)
+
+    cfg = ControlConfig(rate_hz=1 / PERIOD, mode="async", threshold=8, inpaint=True, max_ticks=40)
+    ControlLoop(robot, chunk, cfg, clock).run()
+    assert seen[0] is None  # the first chunk has nothing to continue
+    planned, weights = seen[-1]
+    assert planned == 8 and (weights[:2] == 1.0).all() and weights[-1] < 1.0

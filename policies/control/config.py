@@ -37,6 +37,10 @@ class ControlConfig:
     motion_dims: tuple[int, ...] | None = None  # zeroed by a safe stop (default: every dim)
     miss_tolerance: float = 0.5  # a tick later than this fraction of a period is skipped as missed
     prime: bool = True  # async: infer the first chunk before the clock starts (the robot is at rest)
+    # async, real-time chunking: each chunk is inferred to continue the actions already planned
+    # (those executed during the inference in full, the rest with decaying weight); the chunk
+    # function then takes ``(obs, prefix, weights)``
+    inpaint: bool = False
     video: bool = False
 
     def validate(self) -> None:

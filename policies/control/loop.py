@@ -45,7 +45,7 @@ import numpy as np
 
 from policies.control.clock import RealClock, SimClock, make_executor
 from policies.control.config import MERGE_RULES, MODES, ChunkFn, ControlConfig
-from policies.control.plan import ActionPlan, auto_threshold
+from policies.control.plan import ActionPlan, auto_threshold, inpainting_weights
 from policies.control.safety import SafetyFilter, check_chunk
 from policies.control.telemetry import ControlResult, Telemetry, format_summary, summarize
 
@@ -249,6 +249,13 @@ class ControlLoop:
         threshold = cfg.threshold if cfg.threshold is not None else auto_threshold(run.horizon, run.recent, cfg.period)
         if run.stop_tick is None and not run.executor.busy and run.plan.depth(run.k) <= threshold:
             snapshot = _copy_obs(obs)
+            if cfg.inpaint and run.horizon:
+                prefix = run.plan.planned(run.k, run.horizon)
+                committed = math.ceil(max(run.recent) / cfg.period) if run.recent else 0
+                if len(prefix):
+                    weights = inpainting_weights(len(prefix), committed)
+                    run.executor.submit(lambda o=snapshot: self.chunk_fn(o, prefix, weights), payload=run.k)
+                    return
             run.executor.submit(lambda o=snapshot: self.chunk_fn(o), payload=run.k)
 
     def _infer_sync(self, run: _Run, obs: dict[str, Any], scheduled: float, actual: float) -> tuple[float, float]:

@@ -54,6 +54,22 @@ class ActionPlan:
         action = sum(w * a for w, (a, _) in zip(weights, entries, strict=True)) / weights.sum()
         return action.astype(np.float32), entries[-1][1]
 
+    def planned(self, tick: int, limit: int) -> np.ndarray:
+        """The actions planned for ``tick``, ``tick + 1``, ... (up to ``limit``, stopping at the
+        first tick with none), merged as ``pop`` would merge them, without removing them:
+        ``(n, action_dim)``, or ``(0, 0)`` when nothing is planned for ``tick``."""
+        out = []
+        for k in range(tick, tick + limit):
+            entries = self._plan.get(k)
+            if entries is None:
+                break
+            if len(entries) == 1:
+                out.append(entries[0][0])
+            else:
+                w = np.exp(-self.m * np.arange(len(entries)))
+                out.append(sum(wi * a for wi, (a, _) in zip(w, entries, strict=True)) / w.sum())
+        return np.asarray(out, dtype=np.float32) if out else np.zeros((0, 0), dtype=np.float32)
+
     def depth(self, tick: int) -> int:
         """How many ticks from ``tick`` on have an action planned."""
         return sum(1 for t in self._plan if t >= tick)
@@ -71,3 +87,14 @@ def auto_threshold(horizon: int | None, recent: deque[float], period: float) -> 
     h = horizon or 2
     need = math.ceil(max(recent) / period) + 1 if recent else 0
     return max(1, min(h - 1, max(h // 2, need)))
+
+
+def inpainting_weights(planned: int, committed: int) -> np.ndarray:
+    """Real-time chunking's soft mask over a new chunk's first ``planned`` actions (Black et
+    al., 2025): 1 for the ``committed`` ones (executed while the chunk is inferred), then an
+    exponential decay to 0 over the rest of what is already planned."""
+    committed = min(committed, planned)
+    i = np.arange(planned)
+    c = (planned - i) / max(1, planned - committed + 1)
+    decay = c * (np.exp(c) - 1) / (math.e - 1)
+    return np.where(i < committed, 1.0, decay).astype(np.float32)

@@ -27,9 +27,13 @@ TABLETOP_MOTION_DIMS = (0, 1, 2)
 def chunk_fn(policy: Any):
     """``obs -> (H, action_dim)`` for a policy with ``predict_action_chunk`` (the VLA)."""
 
-    def infer(obs: dict[str, Any]) -> np.ndarray:
+    def infer(obs: dict[str, Any], prefix: np.ndarray | None = None, weights: np.ndarray | None = None) -> np.ndarray:
+        batch = policy.batch_from_observation(obs)
         with torch.inference_mode():
-            chunk = policy.predict_action_chunk(policy.batch_from_observation(obs))
+            if prefix is None:
+                chunk = policy.predict_action_chunk(batch)
+            else:  # real-time chunking: continue the planned actions
+                chunk = policy.predict_action_chunk(batch, prefix=prefix, prefix_weights=weights)
         return chunk[0].cpu().numpy()
 
     return infer
@@ -160,8 +164,8 @@ def run_episodes(
 def _taking(infer: Callable[[Any], np.ndarray], clock: SimClock, seconds: float) -> Callable[[Any], np.ndarray]:
     """``infer`` taking ``seconds`` of ``clock``'s virtual time (however long it computes)."""
 
-    def run(obs: Any) -> np.ndarray:
-        chunk = infer(obs)
+    def run(obs: Any, *args: Any) -> np.ndarray:
+        chunk = infer(obs, *args)
         clock.sleep(seconds)
         return chunk
 

@@ -331,9 +331,20 @@ class VLAPolicy(PretrainedPolicy):
         noise: torch.Tensor | None = None,
         use_cache: bool = True,
         num_steps: int | None = None,
+        prefix: torch.Tensor | np.ndarray | None = None,
+        prefix_weights: torch.Tensor | np.ndarray | None = None,
     ) -> torch.Tensor:
-        """``(B, H, action_dim)`` unnormalised actions, integrated from noise with Euler steps."""
+        """``(B, H, action_dim)`` unnormalised actions, integrated from noise with Euler steps.
+
+        ``prefix`` (``(P, action_dim)`` or ``(B, P, action_dim)`` unnormalised actions, P <= H)
+        inpaints the chunk's first P actions (real-time chunking, training-free): at every
+        step the clean-chunk estimate is pulled toward the prefix by ``prefix_weights`` (``(P,)``
+        in [0, 1]; default all 1), so a weight of 1 ends exactly on the prefix action and the
+        rest of the chunk is generated to continue it."""
         c = self.config
+        guide = weights = None
+        if prefix is not None:
+            guide, weights = self._inpainting(prefix, prefix_weights)
         state = self._state(batch)
         prefix, prefix_valid = self.model.embed_prefix(self._visual(batch), self._text(batch, state.shape[0]))
         cache = self.model.prefix_cache(prefix, prefix_valid) if use_cache else None
@@ -359,6 +370,12 @@ class VLAPolicy(PretrainedPolicy):
                 v = (1 + c.self_contrast_beta) * strong - c.self_contrast_beta * weak
             else:
                 v = velocity(run(), x, t, c.prediction)
+            if guide is not None:  # pull the clean estimate x_t - t v toward the prefix, step by step
+                tt = t.reshape(-1, 1, 1)
+                clean = x - tt * v
+                p = guide.shape[1]
+                clean[:, :p] = clean[:, :p] + weights * (guide - clean[:, :p])
+                v = (x - clean) / tt
             x = x + dt * v
         actions = self.action_norm.unnormalize(x)
         if not self._stats_checked:
@@ -374,6 +391,26 @@ class VLAPolicy(PretrainedPolicy):
         if not torch.isfinite(actions).all():
             raise RuntimeError("the policy produced non-finite actions; check the checkpoint's statistics")
         return actions
+
+    def _inpainting(
+        self, prefix: torch.Tensor | np.ndarray, weights: torch.Tensor | np.ndarray | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefix in normalised action space ``(1 or B, P, A)`` and its weights ``(P, 1)``."""
+        c = self.config
+        guide = torch.as_tensor(np.asarray(prefix, dtype=np.float32), device=self._device)
+        guide = guide[None] if guide.ndim == 2 else guide
+        if guide.ndim != 3 or guide.shape[-1] != c.action_dim or not 0 < guide.shape[1] <= c.chunk_size:
+            raise ValueError(
+                f"prefix must be (P, {c.action_dim}) or (B, P, {c.action_dim}) with 0 < P <= {c.chunk_size}, "
+                f"got shape {tuple(guide.shape)}"
+            )
+        if not torch.isfinite(guide).all():
+            raise ValueError("prefix holds NaN or inf")
+        p = guide.shape[1]
+        w = torch.ones(p) if weights is None else torch.as_tensor(np.asarray(weights, dtype=np.float32))
+        if w.shape != (p,) or not torch.isfinite(w).all() or (w < 0).any() or (w > 1).any():
+            raise ValueError(f"prefix_weights must be {p} numbers in [0, 1], got {w.tolist()}")
+        return self.action_norm.normalize(guide), w.to(self._device).reshape(p, 1)
 
     def reset(self) -> None:
         """Clear the action queue (call at every episode start)."""
