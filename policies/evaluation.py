@@ -31,7 +31,9 @@ class EvalConfig:
     # A chunking policy (``predict_action_chunk`` and ``config.n_action_steps``) infers for,
     # and steps, only the envs whose episode is still running; False: every env of the
     # wave goes through ``select_action`` and ``venv.step`` until the last episode ends (the
-    # plain reference, and the path of every other policy).
+    # plain reference, and the path of every other policy). The two give the same episodes
+    # for a deterministic policy; a sampling one (the VLA) draws its noise per batch row, so
+    # its episodes differ between the paths by sampling alone.
     skip_finished: bool = True
     videos_per_task: int = 1
     video_size: int = 256

@@ -31,6 +31,7 @@ import torch  # noqa: E402
 
 import adamoe  # noqa: E402
 from envs.collection import dataset_id_for  # noqa: E402
+from envs.datasets import dataset_path  # noqa: E402
 from envs.ids import tabletop_id  # noqa: E402
 from envs.tasks import get_task  # noqa: E402
 from policies import from_pretrained  # noqa: E402
@@ -48,7 +49,7 @@ DEFAULT_GROUPS = {
     "stack": ["StackRedOnGreen", "StackBlueOnRed"],
 }
 PRETRAINED = [pipeline.SHIPPED_BASE]
-DATASETS = [Path("outputs/families/datasets"), Path("outputs/demo/datasets")]
+DATASETS = [Path("outputs/families/datasets"), Path("outputs/pretrain/datasets")]  # the base suite's demos
 
 
 def parse_groups(pairs: list[str] | None) -> dict[str, list[str]]:
@@ -88,13 +89,15 @@ def train_config(cfg: pipeline.PipelineConfig, steps: int) -> TrainConfig:
 def run(args: argparse.Namespace) -> int:
     groups = parse_groups(args.groups)
     pretrained = Path(args.pretrained) if args.pretrained else next((p for p in PRETRAINED if p.is_dir()), None)
-    root = Path(args.datasets_root) if args.datasets_root else next((p for p in DATASETS if p.is_dir()), None)
-    if pretrained is None or root is None:
-        raise SystemExit(
-            "no pretrained dense VLA or datasets found: run `make demo` (or `make families`) first, or pass both flags"
-        )
     tasks = [t for group in groups.values() for t in group]
     env_ids = [tabletop_id(t) for t in tasks]
+    holds_all = lambda root: all(dataset_path(dataset_id_for(e), root).exists() for e in env_ids)
+    root = Path(args.datasets_root) if args.datasets_root else next((p for p in DATASETS if holds_all(p)), None)
+    if pretrained is None or root is None:
+        raise SystemExit(
+            "no pretrained dense VLA or datasets of the groups' tasks found: run `make families` or `make pretrain` "
+            "first (their datasets hold the base suite), or pass both flags"
+        )
     specialists = [f"specialist_{name}" for name in groups]
     cfg = replace(
         pipeline.PipelineConfig(),

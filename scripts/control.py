@@ -133,12 +133,12 @@ def run_suite(args: argparse.Namespace) -> dict:
         )
         write_json(out / name / "realtime.json", realtime)
         results[name] = compare(offline, realtime)
+        results[name]["config"] = realtime["config"]
         results[name]["checkpoint"] = str(args.checkpoint[names.index(name)])
     summary = {"tasks": tasks, "episodes_per_task": args.episodes, "split": args.split, "policies": results}
+    summary["simulated_latency_ticks"] = args.simulate_latency
     summary["machine"] = machine()
     write_json(out / "results.json", summary)
-    if args.simulate_latency is not None:
-        summary["simulated_latency_ticks"] = args.simulate_latency
     table = realtime_markdown(results, args.rate, args.mode, args.simulate_latency)
     write_text(out / "results.md", table + "\n")
     print(table)

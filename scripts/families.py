@@ -6,7 +6,7 @@
     python scripts/families.py --update-docs        # and put the table into docs/families.md (--doc)
 
 The same pretrained dense VLA (the shipped ``checkpoints/vla-tabletop-base``, or
-``--pretrained DIR``; demonstrations from ``outputs/demo/datasets`` when present) is
+``--pretrained DIR``; demonstrations of the base suite under ``outputs/families/datasets``) is
 upcycled into each family and fine-tuned for the same steps on the same batches: dense,
 vanilla top-k, AdaMoE, Switch (top-1, capacity 1.25, token dropping), gating dropout,
 DynMoE top-any, THOR (random routing + consistency loss), SMEAR, Soft MoE, SCMoE (top-2
@@ -33,22 +33,19 @@ from policies.io import read_json, replace_between_markers  # noqa: E402
 from policies.vla import pipeline  # noqa: E402
 from policies.vla.families import KINDS  # noqa: E402
 
-DEMO = Path("outputs/demo")
 DOC = Path(__file__).resolve().parents[1] / "docs" / "families.md"
 START, END = "<!-- families:start -->", "<!-- families:end -->"
 
 
 def with_defaults(argv: list[str]) -> list[str]:
-    """The user's options over the families defaults (every family, outputs/families, the
-    demo's datasets when they exist; the demo's own default base)."""
+    """The user's options over the families defaults (every family, outputs/families and its
+    own datasets, on the base suite; the demo's own default base)."""
     # The families study runs on the base suite (its published table), without the main
     # job's retention check and fine-tuning curve.
     defaults = ["--output-dir", "outputs/families", "--variants", *KINDS, "--suite", "tabletop"]
     defaults += ["--retention-episodes", "0", "--curve-points", "1"]
     if "--quick" not in argv:
         defaults += ["--finetune-steps", "200"]
-    if "--datasets-root" not in argv and (DEMO / "datasets").is_dir():
-        defaults += ["--datasets-root", str(DEMO / "datasets")]
     given = {a for a in argv if a.startswith("--")}
     merged, i = [], 0
     while i < len(defaults):

@@ -387,3 +387,23 @@ def test_an_inpainting_loop_hands_the_planned_actions_to_the_chunk_function():
     assert seen[0] is None  # the first chunk has nothing to continue
     planned, weights = seen[-1]
     assert planned == 8 and (weights[:2] == 1.0).all() and weights[-1] < 1.0
+
+
+@pytest.mark.filterwarnings("ignore:this policy's state/action normalisation statistics were never set")
+def test_a_synchronous_suite_run_executes_as_many_actions_per_chunk_as_offline_evaluation():
+    from policies.control.runner import run_episodes
+
+    policy = _tiny_policy()
+    steps = policy.config.n_action_steps
+    run = run_episodes(
+        policy,
+        "adamoe/Tabletop-ReachRed-v0",
+        1,
+        ControlConfig(rate_hz=50, mode="sync"),
+        clock=SimClock,
+        max_episode_steps=6 * steps,
+        progress=False,
+    )
+    episode = run["per_episode"][0]
+    assert episode["robot_steps"] == 6 * steps and run["config"]["inpaint"] is False
+    assert episode["chunks"] == -(-episode["ticks"] // steps)  # a chunk per n_action_steps ticks, as offline

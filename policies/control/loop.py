@@ -251,7 +251,11 @@ class ControlLoop:
             snapshot = _copy_obs(obs)
             if cfg.inpaint and run.horizon:
                 prefix = run.plan.planned(run.k, run.horizon)
-                committed = math.ceil(max(run.recent) / cfg.period) if run.recent else 0
+                # The actions executed before the chunk can arrive: this tick's (taken from the
+                # plan after this submission) and those due while the slowest recent inference
+                # runs, counted from now (a late tick leaves less of its period).
+                late = self.clock.now() - (run.t0 + run.k * cfg.period)
+                committed = max(1, math.ceil((late + max(run.recent, default=0.0)) / cfg.period))
                 if len(prefix):
                     weights = inpainting_weights(len(prefix), committed)
                     run.executor.submit(lambda o=snapshot: self.chunk_fn(o, prefix, weights), payload=run.k)

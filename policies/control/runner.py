@@ -125,6 +125,8 @@ def run_episodes(
             episode_config = replace(config, max_ticks=max(config.max_ticks, 2 * _time_limit(robot.env)))
             if episode_config.motion_dims is None and robot.action_space.shape == (4,):
                 episode_config.motion_dims = TABLETOP_MOTION_DIMS
+            if episode_config.n_action_steps is None and hasattr(policy.config, "n_action_steps"):
+                episode_config.n_action_steps = policy.config.n_action_steps  # sync: as offline evaluation
             episode_seed = seed + 1000 * task_index + i
             try:
                 infer = chunk_fn(policy)
@@ -156,9 +158,9 @@ def run_episodes(
             bar.update(1)
             if s["stop_reason"] == "stop_requested":  # Ctrl-C: keep what ran, skip the rest
                 bar.close()
-                return aggregate(episodes, jitter, latency, config)
+                return aggregate(episodes, jitter, latency, config, simulated_latency_s)
     bar.close()
-    return aggregate(episodes, jitter, latency, config)
+    return aggregate(episodes, jitter, latency, config, simulated_latency_s)
 
 
 def _taking(infer: Callable[[Any], np.ndarray], clock: SimClock, seconds: float) -> Callable[[Any], np.ndarray]:
@@ -178,7 +180,11 @@ def _time_limit(env: gym.Env) -> int:
 
 
 def aggregate(
-    episodes: list[dict[str, Any]], jitter: list[np.ndarray], latency: list[np.ndarray], config: ControlConfig
+    episodes: list[dict[str, Any]],
+    jitter: list[np.ndarray],
+    latency: list[np.ndarray],
+    config: ControlConfig,
+    simulated_latency_s: float | None = None,
 ) -> dict[str, Any]:
     """Success per task and overall, and timing over every tick and chunk of the episodes:
     deadline misses, starved ticks (and their share), p99 tick jitter, inference latency."""
@@ -210,5 +216,7 @@ def aggregate(
             "mode": config.mode,
             "merge": config.merge,
             "threshold": config.threshold,
+            "inpaint": config.inpaint,
+            "simulated_latency_s": simulated_latency_s,
         },
     }

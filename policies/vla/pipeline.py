@@ -417,7 +417,7 @@ def finetune_settings(cfg: PipelineConfig, pretrained: Path, variant: str) -> di
         "top_k": cfg.top_k,
         "data": {"root": str(cfg.root), "episodes_per_task": cfg.episodes_per_task, "noise": list(cfg.noise)},
         "train": {"steps": cfg.finetune_steps, "batch_size": cfg.batch_size, "lr": cfg.finetune_lr, "seed": cfg.seed},
-        "curve": {"steps": cfg.curve_steps(), "episodes_per_task": cfg.curve_episodes}
+        "curve": {"steps": cfg.curve_steps(), "episodes_per_task": cfg.curve_episodes, "scenes": cfg.eval_seed}
         if variant in cfg.curve_variants
         else None,
     }
@@ -507,6 +507,7 @@ def evaluate_all(cfg: PipelineConfig, env_ids: list[str]) -> None:
                 "split": config.instruction_split,
                 "seed": cfg.seed,
                 "scenes": config.seed,
+                "batching": {"max_envs": config.max_envs, "skip_finished": config.skip_finished},
             }
             if (out / "eval_info.json").is_file() and stage_matches(out, settings, f"evaluate {name} ({split})"):
                 log(f"evaluate {name} ({split}): {out / 'eval_info.json'} exists")

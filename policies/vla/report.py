@@ -99,15 +99,15 @@ def _tv(p: list[float], q: list[float]) -> float:
     return 0.5 * float(np.abs(np.asarray(p) - np.asarray(q)).sum())
 
 
-def routing_separation(use: dict[str, Any], new: list[str], old: list[str]) -> dict[str, dict[str, float]]:
+def routing_separation(use: dict[str, Any], new: list[str], old: list[str]) -> dict[str, dict[str, float | None]]:
     """Per MoE layer, how far apart routing puts the new tasks and the old ones: the mean
     total-variation distance between two tasks' expert shares, for pairs within the new
     tasks, within the old ones, and across (0: the same experts in the same shares; 1:
     disjoint experts). Routing separates the suites where ``across`` exceeds both ``within``."""
 
-    def mean_distance(share: dict[str, list[float]], a: list[str], b: list[str]) -> float:
+    def mean_distance(share: dict[str, list[float]], a: list[str], b: list[str]) -> float | None:
         pairs = [(x, y) for x in a for y in b if x != y and (a is not b or x < y)]
-        return float(np.mean([_tv(share[x], share[y]) for x, y in pairs])) if pairs else float("nan")
+        return float(np.mean([_tv(share[x], share[y]) for x, y in pairs])) if pairs else None  # one task: none
 
     out = {}
     for layer in use["layers"]:
@@ -262,7 +262,8 @@ def to_markdown(results: dict[str, Any]) -> str:
             "|---|" + "---:|" * len(next(iter(separated.values()))),
         ]
         for name, layers in separated.items():
-            cells = [f"{v['within_new']:.2f} / {v['within_old']:.2f} / {v['across']:.2f}" for v in layers.values()]
+            num = lambda d: "-" if d is None else f"{d:.2f}"
+            cells = [f"{num(v['within_new'])} / {num(v['within_old'])} / {num(v['across'])}" for v in layers.values()]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
