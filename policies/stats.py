@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -45,3 +46,12 @@ def hierarchical_bootstrap(
     tail = (1.0 - level) / 2
     low, high = np.quantile(means, [tail, 1.0 - tail])
     return {"mean": float(pooled.mean()), "low": float(low), "high": float(high)}
+
+
+def format_difference(d: dict[str, Any] | None) -> str:
+    """A paired difference (``mean``, ``low``, ``high``, ``significant``) in points with its
+    interval, in bold when significant; "-" for none."""
+    if d is None:
+        return "-"
+    text = f"{100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+    return f"**{text}**" if d["significant"] else text

@@ -76,17 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not hasattr(policy, "predict_action_chunk"):
         raise ValueError(f"{args.checkpoint[0]} holds a {policy.policy_type!r} policy without predict_action_chunk")
     ticks = int(args.seconds * args.rate) if args.seconds else 10**6
-    config = ControlConfig(
-        rate_hz=args.rate,
-        mode=args.mode,
-        merge=args.merge,
-        threshold=args.threshold,
-        max_delta=args.max_delta,
-        inpaint=args.inpaint,
-        max_ticks=min(ticks, 10**6),
-        stop_on_done=args.seconds is None,
-        video=args.video,
-    )
+    config = loop_config(args, max_ticks=min(ticks, 10**6), stop_on_done=args.seconds is None, video=args.video)
     if args.seconds is None:
         config.max_ticks = 20 * int(args.rate) * 60  # an episode ends well before 20 minutes
     result = run_policy(policy, args.task, config, seed=args.seed, endless=args.seconds is not None)
@@ -94,6 +84,19 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_summary(result.summary))
     print(f"-> {out}/summary.json, {out}/timeline.png" + (f", {out}/video.mp4" if result.frames else ""))
     return result.summary
+
+
+def loop_config(args: argparse.Namespace, **extra) -> ControlConfig:
+    """The loop settings the command line gives, with ``extra`` on top."""
+    return ControlConfig(
+        rate_hz=args.rate,
+        mode=args.mode,
+        merge=args.merge,
+        threshold=args.threshold,
+        max_delta=args.max_delta,
+        inpaint=args.inpaint,
+        **extra,
+    )
 
 
 def run_suite(args: argparse.Namespace) -> dict:
@@ -114,14 +117,7 @@ def run_suite(args: argparse.Namespace) -> dict:
     out = Path(args.output_dir)
     results = {}
     for name, policy in policies.items():
-        config = ControlConfig(
-            rate_hz=args.rate,
-            mode=args.mode,
-            merge=args.merge,
-            threshold=args.threshold,
-            max_delta=args.max_delta,
-            inpaint=args.inpaint,
-        )
+        config = loop_config(args)
         log(f"{name}: {args.episodes} episodes per task offline, then in real time at {args.rate:g} Hz ({args.mode})")
         torch.manual_seed(args.seed)
         eval_config = EvalConfig(episodes_per_task=args.episodes, instruction_split=args.split, videos_per_task=0)

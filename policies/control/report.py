@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from policies.stats import hierarchical_bootstrap, wilson_interval
+from policies.stats import format_difference, hierarchical_bootstrap, wilson_interval
 
 
 def _rate(successes: list[bool]) -> dict[str, float]:
@@ -64,8 +64,7 @@ def realtime_markdown(
     ]
     for name, r in results.items():
         d, t = r["difference"], r["timing"]
-        diff = f"{100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
-        diff = f"**{diff}**" if d["significant"] else diff
+        diff = format_difference(d)
         starved = f"{t['starved_ticks']} of {t['ticks']} ({100 * t['starved_fraction']:.2f}%)"
         latency = f"{t['inference_latency_ms']['median']:.1f} / {t['inference_latency_ms']['p99']:.1f} ms"
         lines.append(

@@ -17,7 +17,7 @@ import adamoe
 from envs.ids import task_name
 from policies.data import ChunkDataset
 from policies.plotting import pyplot, save_figure
-from policies.stats import hierarchical_bootstrap, wilson_interval
+from policies.stats import format_difference, hierarchical_bootstrap, wilson_interval
 from policies.vla.families import KINDS
 from policies.vla.modeling_vla import VLAPolicy
 
@@ -559,14 +559,7 @@ def seeds_markdown(rows: list[dict[str, Any]], seeds: list[int], facts: dict[str
             "|---|" + "---:|" * len(splits),
         ]
         for r in paired:
-            cells = []
-            for s in splits:
-                d = r["vs_dense"].get(s)
-                if d is None:
-                    cells.append("-")
-                    continue
-                text = f"{100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
-                cells.append(f"**{text}**" if d["significant"] else text)
+            cells = [format_difference(r["vs_dense"].get(s)) for s in splits]
             lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
     forgot = [r for r in rows if "vs_pretrained_retention" in r]
     if forgot:
@@ -579,9 +572,7 @@ def seeds_markdown(rows: list[dict[str, Any]], seeds: list[int], facts: dict[str
             "|---|---:|",
         ]
         for r in forgot:
-            d = r["vs_pretrained_retention"]
-            text = f"{100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
-            lines.append(f"| {r['variant']} | {f'**{text}**' if d['significant'] else text} |")
+            lines.append(f"| {r['variant']} | {format_difference(r['vs_pretrained_retention'])} |")
     return "\n".join(lines)
 
 
