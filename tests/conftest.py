@@ -1,7 +1,10 @@
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -39,3 +42,22 @@ def run_script(name: str, *args: str, check: bool = True) -> subprocess.Complete
     if check and proc.returncode != 0:
         raise AssertionError(f"scripts/{name} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def ctrl_c_enabled_in_child() -> None:
+    """``preexec_fn`` for a child a test interrupts: Ctrl-C at its default, as in a terminal.
+    A command started in the background (``nohup``, ``&``) inherits SIGINT ignored, and
+    Python then never raises ``KeyboardInterrupt``; a test of Ctrl-C must not depend on how
+    the test run itself was started."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def ctrl_c_enabled():
+    """Ctrl-C raises ``KeyboardInterrupt`` in this process for the test (as in a terminal),
+    however the test run was started; the previous handler comes back after."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

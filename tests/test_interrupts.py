@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from envs.collection import CollectionJob, run_collection
-from tests.conftest import ROOT, run_script
+from tests.conftest import ROOT, ctrl_c_enabled_in_child, run_script
 
 TASK = "adamoe/Tabletop-ReachRed-v0"
 
@@ -32,7 +32,7 @@ def interrupt_once(args: list, ready: Path, timeout: float = 180.0) -> subproces
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     # Its own process group, which Ctrl-C in a terminal signals as a whole (workers included).
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, "start_new_session": True}
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, **pipes)
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, preexec_fn=ctrl_c_enabled_in_child, **pipes)
     deadline = time.monotonic() + timeout
     while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -177,7 +177,7 @@ def test_metrics_after_a_resume_continue_from_the_resumed_step(dataset, tmp_path
 
 
 @pytest.mark.parametrize("when", ["mid-step", "during the last save"])
-def test_ctrl_c_saves_the_step_it_interrupts_and_ends_the_run(dataset, tmp_path, monkeypatch, when):
+def test_ctrl_c_saves_the_step_it_interrupts_and_ends_the_run(dataset, tmp_path, monkeypatch, when, ctrl_c_enabled):
     import os
     import signal
 
@@ -204,6 +204,25 @@ def test_ctrl_c_saves_the_step_it_interrupts_and_ends_the_run(dataset, tmp_path,
     assert signal.getsignal(signal.SIGINT) is previous  # the handler is given back
     state = json.loads((tmp_path / "checkpoints" / "last" / "training_state" / "state.json").read_text())
     assert state["step"] == stopped_at
+
+
+def test_a_run_started_with_ctrl_c_ignored_keeps_it_ignored_and_trains_to_the_end(dataset, tmp_path):
+    import os
+    import signal
+
+    class Interrupting:  # Ctrl-C arrives mid-run, as in a terminal the run was detached from
+        def sample(self, *args):
+            os.kill(os.getpid(), signal.SIGINT)
+            return dataset.sample(*args)
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as nohup or `cmd &` start it
+    try:
+        summary = train(tiny_policy(dataset), Interrupting(), fast_config(steps=3, save_every=100), tmp_path)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    state = json.loads((tmp_path / "checkpoints" / "last" / "training_state" / "state.json").read_text())
+    assert state["step"] == 3 and summary["checkpoint"]
 
 
 def test_upcycled_policy_trains_and_reloads_as_upcycled(dataset, tmp_path):
