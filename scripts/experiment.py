@@ -39,10 +39,10 @@ from policies.vla import pipeline  # noqa: E402
 from policies.vla.families import KINDS  # noqa: E402
 from policies.vla.report import aggregate_seeds, machine, plot_seeds, seeds_markdown  # noqa: E402
 
-# Three seeds of these take about 2.5 h on 2 cores; each further MoE variant adds ~15 min a seed.
+# Three seeds of these take about 1 h 45 min on 2 cores; each further MoE variant adds ~10 min a seed.
 VARIANTS = ["dense", "vanilla", "adamoe"]
 EVAL_EPISODES = 50  # per task and phrasing split, per seed
-RETENTION_EPISODES = 5  # per base-suite task, per seed (60 a seed, 180 over three)
+RETENTION_EPISODES = 10  # per base-suite task, per seed (120 a seed, 360 over three; short tasks, ~30 s)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
