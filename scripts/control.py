@@ -17,13 +17,18 @@ scenes offline evaluation uses, and offline on the same scenes; writes ``results
 ``results.json`` (per checkpoint: success both ways with 95% intervals, their paired
 difference, deadline misses, p99 jitter, starved ticks, inference latency) and each
 checkpoint's ``<name>/realtime.json`` and ``<name>/offline/eval_info.json``.
+
+``--noise-scale`` and ``--inference-steps`` set a VLA checkpoint's sampler (its starting
+noise, 0 for deterministic chunks, and its flow steps per chunk) for both runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -63,6 +68,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--inpaint", action="store_true", help="async: real-time chunking (each chunk continues the planned actions)"
     )
+    p.add_argument(
+        "--noise-scale",
+        type=float,
+        default=None,
+        help="the VLA's sampling noise (its inference_noise_scale; 0: deterministic chunks; default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--inference-steps", type=int, default=None, help="the VLA's flow steps per chunk (default: the checkpoint's)"
+    )
     p.add_argument("--seconds", type=float, default=None, help="run length (default: until the episode ends)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--video", action="store_true")
@@ -72,9 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         return run_suite(args)
     if len(args.checkpoint) > 1:
         raise ValueError(f"one task runs one checkpoint; got {len(args.checkpoint)} (several need --suite)")
-    policy = from_pretrained(args.checkpoint[0])
-    if not hasattr(policy, "predict_action_chunk"):
-        raise ValueError(f"{args.checkpoint[0]} holds a {policy.policy_type!r} policy without predict_action_chunk")
+    policy = load_policy(args.checkpoint[0], args)
     ticks = int(args.seconds * args.rate) if args.seconds else 10**6
     config = loop_config(args, max_ticks=min(ticks, 10**6), stop_on_done=args.seconds is None, video=args.video)
     if args.seconds is None:
@@ -84,6 +96,24 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_summary(result.summary))
     print(f"-> {out}/summary.json, {out}/timeline.png" + (f", {out}/video.mp4" if result.frames else ""))
     return result.summary
+
+
+def load_policy(checkpoint: str, args: argparse.Namespace) -> Any:
+    """A chunking policy from ``checkpoint``, with the command line's sampling settings on
+    top (offline and real time then run the same sampler)."""
+    policy = from_pretrained(checkpoint)
+    if not hasattr(policy, "predict_action_chunk"):
+        raise ValueError(f"{checkpoint} holds a {policy.policy_type!r} policy without predict_action_chunk")
+    settings = {"inference_noise_scale": args.noise_scale, "num_inference_steps": args.inference_steps}
+    settings = {k: v for k, v in settings.items() if v is not None}
+    if settings:
+        if not all(hasattr(policy.config, k) for k in settings):
+            flags = "--noise-scale and --inference-steps"
+            raise ValueError(f"{flags} set a VLA's sampler; {checkpoint} holds a {policy.policy_type!r} policy")
+        replace(policy.config, **settings).validate()  # names the bad value and the valid range
+        for key, value in settings.items():
+            setattr(policy.config, key, value)
+    return policy
 
 
 def loop_config(args: argparse.Namespace, **extra) -> ControlConfig:
@@ -109,11 +139,7 @@ def run_suite(args: argparse.Namespace) -> dict:
     names = [Path(c).name for c in args.checkpoint]
     if len(set(names)) != len(names):
         raise ValueError(f"the checkpoints' directory names must differ (their results are named so): {names}")
-    policies = {}
-    for name, checkpoint in zip(names, args.checkpoint, strict=True):
-        policies[name] = from_pretrained(checkpoint)
-        if not hasattr(policies[name], "predict_action_chunk"):
-            raise ValueError(f"{checkpoint} holds a {policies[name].policy_type!r} policy without predict_action_chunk")
+    policies = {name: load_policy(checkpoint, args) for name, checkpoint in zip(names, args.checkpoint, strict=True)}
     out = Path(args.output_dir)
     results = {}
     for name, policy in policies.items():
@@ -130,6 +156,9 @@ def run_suite(args: argparse.Namespace) -> dict:
         write_json(out / name / "realtime.json", realtime)
         results[name] = compare(offline, realtime)
         results[name]["config"] = realtime["config"]
+        results[name]["sampling"] = {
+            k: getattr(policy.config, k, None) for k in ("inference_noise_scale", "num_inference_steps")
+        }
         results[name]["checkpoint"] = str(args.checkpoint[names.index(name)])
     summary = {"tasks": tasks, "episodes_per_task": args.episodes, "split": args.split, "policies": results}
     summary["simulated_latency_ticks"] = args.simulate_latency

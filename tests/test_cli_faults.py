@@ -39,6 +39,8 @@ PROBES = {
         ["--checkpoint", "no/such/dir"],
         ["--checkpoint", "checkpoints/vla-tabletop-base", "--rate", "0"],
         ["--checkpoint", "checkpoints/vla-tabletop-base", "--mode", "turbo"],
+        ["--checkpoint", "checkpoints/vla-tabletop-base", "--noise-scale", "-1"],
+        ["--checkpoint", "checkpoints/vla-tabletop-base", "--inference-steps", "0"],
     ],
     "collect.py": [
         ["--suite", "no-such-suite", "--episodes-per-task", "1"],

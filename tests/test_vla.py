@@ -159,6 +159,26 @@ def test_cached_and_uncached_sampling_give_the_same_actions(upcycled):
     torch.testing.assert_close(cached, uncached, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("scale", [0.0, 0.5, 1.0])
+def test_sampling_starts_from_noise_of_the_configured_scale(scale):
+    policy = make_policy()
+    policy.config.inference_noise_scale = scale
+    batch = make_batch(policy)
+    torch.manual_seed(5)
+    sampled = policy.predict_action_chunk(batch)
+    torch.manual_seed(5)  # the same draw, scaled by hand, through the explicit-noise path
+    noise = scale * torch.randn(3, policy.config.chunk_size, 4)
+    torch.testing.assert_close(sampled, policy.predict_action_chunk(batch, noise=noise))
+    if scale == 0.0:  # deterministic: every call gives the same chunk
+        torch.testing.assert_close(policy.predict_action_chunk(batch), sampled)
+
+
+def test_a_noise_scale_outside_its_range_is_refused_by_name():
+    for bad in (-0.1, float("nan"), 11.0, True):
+        with pytest.raises(ValueError, match="inference_noise_scale must be a number in"):
+            vla_config("tiny", inference_noise_scale=bad)
+
+
 def test_actions_depend_on_the_instruction():
     policy = make_policy()
     batch = make_batch(policy, size=2, tasks=["pick up the red cube", "pick up the blue cube"])

@@ -93,6 +93,10 @@ class VLAConfig(JSONConfig):
     dropout: float = 0.0
     # Flow matching (pi0): t ~ Beta(1.5, 1) squashed into (time_min, 1), N Euler steps.
     num_inference_steps: int = 10
+    # The standard deviation of the noise sampling starts from: 1 samples the learned action
+    # distribution; below 1 leans toward its mode, and 0 integrates from the mean, so a chunk
+    # changes only with the observation (consecutive chunks agree; see docs/control.md).
+    inference_noise_scale: float = 1.0
     time_beta: tuple[float, float] = (1.5, 1.0)
     time_min: float = 0.001
     min_period: float = 4e-3
@@ -225,6 +229,9 @@ class VLAConfig(JSONConfig):
             raise ValueError(f"prediction={self.prediction!r} is not one of ('velocity', 'actions')")
         if self.normalization not in ("mean_std", "min_max"):
             raise ValueError(f"normalization={self.normalization!r} is not one of ('mean_std', 'min_max')")
+        scale = self.inference_noise_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 <= scale <= 10.0:
+            raise ValueError(f"inference_noise_scale must be a number in [0, 10], got {scale!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.self_contrast_beta < 0:

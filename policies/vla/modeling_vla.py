@@ -334,7 +334,8 @@ class VLAPolicy(PretrainedPolicy):
         prefix: torch.Tensor | np.ndarray | None = None,
         prefix_weights: torch.Tensor | np.ndarray | None = None,
     ) -> torch.Tensor:
-        """``(B, H, action_dim)`` unnormalised actions, integrated from noise with Euler steps.
+        """``(B, H, action_dim)`` unnormalised actions, integrated from noise with Euler steps
+        (``config.inference_noise_scale`` times a standard normal unless ``noise`` is given).
 
         ``prefix`` (``(P, action_dim)`` or ``(B, P, action_dim)`` unnormalised actions, P <= H)
         inpaints the chunk's first P actions (real-time chunking, training-free): at every
@@ -349,7 +350,10 @@ class VLAPolicy(PretrainedPolicy):
         prefix, prefix_valid = self.model.embed_prefix(self._visual(batch), self._text(batch, state.shape[0]))
         cache = self.model.prefix_cache(prefix, prefix_valid) if use_cache else None
         b = state.shape[0]
-        x = torch.randn(b, c.chunk_size, c.action_dim, device=self._device) if noise is None else noise.to(self._device)
+        if noise is None:
+            x = c.inference_noise_scale * torch.randn(b, c.chunk_size, c.action_dim, device=self._device)
+        else:  # the caller's noise, as given
+            x = noise.to(self._device)
         steps = num_steps or c.num_inference_steps
         dt = -1.0 / steps
         for i in range(steps):
