@@ -20,6 +20,8 @@ checkpoint's ``<name>/realtime.json`` and ``<name>/offline/eval_info.json``.
 
 ``--noise-scale`` and ``--inference-steps`` set a VLA checkpoint's sampler (its starting
 noise, 0 for deterministic chunks, and its flow steps per chunk) for both runs.
+``--inference process`` serves the policy from a process of its own (``policies.control.server``),
+so inference neither holds the loop's interpreter nor shares its core.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from envs.registration import resolve_env_ids  # noqa: E402
 from policies import from_pretrained  # noqa: E402
 from policies.control import MERGE_RULES, MODES, ControlConfig, format_summary  # noqa: E402
 from policies.control.report import compare, realtime_markdown  # noqa: E402
-from policies.control.runner import run_episodes, run_policy  # noqa: E402
+from policies.control.runner import INFERENCE, run_episodes, run_policy  # noqa: E402
 from policies.evaluation import EvalConfig, evaluate  # noqa: E402
 from policies.io import log, write_json, write_text  # noqa: E402
 from policies.vla.report import machine  # noqa: E402
@@ -77,6 +79,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--inference-steps", type=int, default=None, help="the VLA's flow steps per chunk (default: the checkpoint's)"
     )
+    p.add_argument(
+        "--inference",
+        default="thread",
+        choices=INFERENCE,
+        help="async: run the policy in a thread of this process, or in a process of its own",
+    )
     p.add_argument("--seconds", type=float, default=None, help="run length (default: until the episode ends)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--video", action="store_true")
@@ -91,7 +99,9 @@ def main(argv: list[str] | None = None) -> dict:
     config = loop_config(args, max_ticks=min(ticks, 10**6), stop_on_done=args.seconds is None, video=args.video)
     if args.seconds is None:
         config.max_ticks = 20 * int(args.rate) * 60  # an episode ends well before 20 minutes
-    result = run_policy(policy, args.task, config, seed=args.seed, endless=args.seconds is not None)
+    result = run_policy(
+        policy, args.task, config, seed=args.seed, endless=args.seconds is not None, inference=args.inference
+    )
     out = result.save(args.output_dir, config)
     print(format_summary(result.summary))
     print(f"-> {out}/summary.json, {out}/timeline.png" + (f", {out}/video.mp4" if result.frames else ""))
@@ -151,7 +161,13 @@ def run_suite(args: argparse.Namespace) -> dict:
         torch.manual_seed(args.seed)
         latency = None if args.simulate_latency is None else args.simulate_latency / args.rate
         realtime = run_episodes(
-            policy, tasks, args.episodes, config, instruction_split=args.split, simulated_latency_s=latency
+            policy,
+            tasks,
+            args.episodes,
+            config,
+            instruction_split=args.split,
+            simulated_latency_s=latency,
+            inference=args.inference,
         )
         write_json(out / name / "realtime.json", realtime)
         results[name] = compare(offline, realtime)

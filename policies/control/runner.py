@@ -17,11 +17,15 @@ from policies.control.clock import RealClock, SimClock
 from policies.control.config import ControlConfig
 from policies.control.loop import ControlLoop, stop_on_interrupt
 from policies.control.robot import MujocoRobot
+from policies.control.server import PolicyProcess
 from policies.control.telemetry import ControlResult
 
 # The tabletop's action: gripper displacement (dx, dy, dz) and the gripper command; a safe
 # stop zeroes the displacement and keeps the gripper as it is.
 TABLETOP_MOTION_DIMS = (0, 1, 2)
+# Where chunk inference runs: "thread", a thread of the control process (the loop and the
+# policy share its interpreter); "process", a child process of its own (policies.control.server).
+INFERENCE = ("thread", "process")
 
 
 def chunk_fn(policy: Any):
@@ -62,7 +66,9 @@ def run_policy(
     seed: int = 0,
     clock: RealClock | SimClock | None = None,
     endless: bool = False,
+    inference: str = "thread",
 ) -> ControlResult:
+    _check_inference(inference)
     clock = clock or RealClock()
     robot = make_robot(policy, task, clock, endless=endless, video=config.video)
     if config.motion_dims is None and robot.action_space.shape == (4,):
@@ -70,12 +76,21 @@ def run_policy(
     if config.n_action_steps is None and hasattr(policy.config, "n_action_steps"):
         config.n_action_steps = policy.config.n_action_steps
     policy.eval()
+    server = None
     try:
-        loop = ControlLoop(robot, chunk_fn(policy), config, clock)
+        server = PolicyProcess(policy, seed=seed) if inference == "process" else None
+        loop = ControlLoop(robot, server or chunk_fn(policy), config, clock)
         with stop_on_interrupt(loop):  # Ctrl-C: a safe stop, and the summary is still written
             return loop.run(seed=seed)
     finally:
         robot.close()
+        if server is not None:
+            server.close()
+
+
+def _check_inference(inference: str) -> None:
+    if inference not in INFERENCE:
+        raise ValueError(f"inference={inference!r} is not one of {INFERENCE}")
 
 
 def run_episodes(
@@ -89,6 +104,7 @@ def run_episodes(
     clock: Callable[[], RealClock | SimClock] = RealClock,
     max_episode_steps: int | None = None,
     simulated_latency_s: float | None = None,
+    inference: str = "thread",
 ) -> dict[str, Any]:
     """Real-time rollouts of ``policy`` on every task of ``tasks`` (suite names or env ids),
     on the scenes offline evaluation uses (``policies.evaluation``: seed ``seed + 1000 * task
@@ -96,22 +112,50 @@ def run_episodes(
     runs until it ends (success or the env's time limit) on the wall clock (``clock``: a
     fresh one per episode; ``max_episode_steps`` overrides the envs' time limits).
     ``simulated_latency_s``: run on virtual time instead, every inference taking exactly
-    that long (a deterministic study of what latency does to success). Returns the
-    per-episode records and the timing over every tick of every episode (``aggregate``)."""
-    from tqdm.auto import tqdm
-
+    that long (a deterministic study of what latency does to success). ``inference``:
+    ``"process"`` serves the policy from a child process for all the episodes (``INFERENCE``).
+    Returns the per-episode records and the timing over every tick of every episode
+    (``aggregate``)."""
     if episodes_per_task < 1:
         raise ValueError(f"episodes_per_task must be >= 1, got {episodes_per_task}")
     if instruction_split not in ("train", "heldout"):
         raise ValueError(f"instruction_split={instruction_split!r} is not one of ('train', 'heldout')")
+    _check_inference(inference)
     config.validate()
     if simulated_latency_s is not None:
         if not (isinstance(simulated_latency_s, (int, float)) and 0 <= simulated_latency_s < 10):
             raise ValueError(f"simulated_latency_s must be in [0, 10) seconds, got {simulated_latency_s!r}")
         clock = SimClock
     ids = resolve_env_ids(tasks)
-    episodes, jitter, latency = [], [], []
     policy.eval()
+    server = PolicyProcess(policy, seed=seed) if inference == "process" else None
+    try:
+        return _run_episodes(
+            policy, ids, episodes_per_task, config, seed, instruction_split, progress, clock, max_episode_steps,
+            simulated_latency_s, server,
+        )  # fmt: skip
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _run_episodes(
+    policy: Any,
+    ids: list[str],
+    episodes_per_task: int,
+    config: ControlConfig,
+    seed: int,
+    instruction_split: str,
+    progress: bool,
+    clock: Callable[[], RealClock | SimClock],
+    max_episode_steps: int | None,
+    simulated_latency_s: float | None,
+    server: PolicyProcess | None,
+) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    inference = "thread" if server is None else "process"
+    episodes, jitter, latency = [], [], []
     bar = tqdm(total=len(ids) * episodes_per_task, desc="real time", unit="ep", disable=not progress)
     for task_index, env_id in enumerate(ids):
         kwargs: dict[str, Any] = {"cameras": tuple(policy.config.cameras), "image_size": policy.config.image_size}
@@ -129,7 +173,7 @@ def run_episodes(
                 episode_config.n_action_steps = policy.config.n_action_steps  # sync: as offline evaluation
             episode_seed = seed + 1000 * task_index + i
             try:
-                infer = chunk_fn(policy)
+                infer = server or chunk_fn(policy)
                 if simulated_latency_s is not None:
                     infer = _taking(infer, episode_clock, simulated_latency_s)
                 loop = ControlLoop(robot, infer, episode_config, episode_clock)
@@ -158,9 +202,9 @@ def run_episodes(
             bar.update(1)
             if s["stop_reason"] == "stop_requested":  # Ctrl-C: keep what ran, skip the rest
                 bar.close()
-                return aggregate(episodes, jitter, latency, config, simulated_latency_s)
+                return aggregate(episodes, jitter, latency, config, simulated_latency_s, inference)
     bar.close()
-    return aggregate(episodes, jitter, latency, config, simulated_latency_s)
+    return aggregate(episodes, jitter, latency, config, simulated_latency_s, inference)
 
 
 def _taking(infer: Callable[[Any], np.ndarray], clock: SimClock, seconds: float) -> Callable[[Any], np.ndarray]:
@@ -185,6 +229,7 @@ def aggregate(
     latency: list[np.ndarray],
     config: ControlConfig,
     simulated_latency_s: float | None = None,
+    inference: str = "thread",
 ) -> dict[str, Any]:
     """Success per task and overall, and timing over every tick and chunk of the episodes:
     deadline misses, starved ticks (and their share), p99 tick jitter, inference latency."""
@@ -218,5 +263,6 @@ def aggregate(
             "threshold": config.threshold,
             "inpaint": config.inpaint,
             "simulated_latency_s": simulated_latency_s,
+            "inference": inference,
         },
     }
