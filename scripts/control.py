@@ -19,7 +19,8 @@ difference, deadline misses, p99 jitter, starved ticks, inference latency) and e
 checkpoint's ``<name>/realtime.json`` and ``<name>/offline/eval_info.json``.
 
 ``--noise-scale`` and ``--inference-steps`` set a VLA checkpoint's sampler (its starting
-noise, 0 for deterministic chunks, and its flow steps per chunk) for both runs.
+noise, 0 for deterministic chunks, and its flow steps per chunk) for both runs, and
+``--moe-backend`` its MoE layers' dispatch.
 ``--inference process`` serves the policy from a process of its own (``policies.control.server``),
 so inference neither holds the loop's interpreter nor shares its core.
 """
@@ -36,6 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from adamoe.dispatch import BACKENDS  # noqa: E402
+from adamoe.moe_model import moe_layers  # noqa: E402
 from envs.registration import resolve_env_ids  # noqa: E402
 from policies import from_pretrained  # noqa: E402
 from policies.control import MERGE_RULES, MODES, ControlConfig, format_summary  # noqa: E402
@@ -78,6 +81,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument(
         "--inference-steps", type=int, default=None, help="the VLA's flow steps per chunk (default: the checkpoint's)"
+    )
+    p.add_argument(
+        "--moe-backend",
+        default=None,
+        choices=("auto", *BACKENDS),
+        help="the MoE layers' dispatch backend (default: the checkpoint's; dense policies are unaffected)",
     )
     p.add_argument(
         "--inference",
@@ -123,6 +132,10 @@ def load_policy(checkpoint: str, args: argparse.Namespace) -> Any:
         replace(policy.config, **settings).validate()  # names the bad value and the valid range
         for key, value in settings.items():
             setattr(policy.config, key, value)
+    if args.moe_backend is not None and getattr(policy.config, "moe", None) is not None:
+        policy.config.moe["config"]["backend"] = args.moe_backend  # what a served copy loads
+        for layer in moe_layers(policy).values():
+            layer.config.backend = args.moe_backend
     return policy
 
 
@@ -175,6 +188,8 @@ def run_suite(args: argparse.Namespace) -> dict:
         results[name]["sampling"] = {
             k: getattr(policy.config, k, None) for k in ("inference_noise_scale", "num_inference_steps")
         }
+        moe = getattr(policy.config, "moe", None)
+        results[name]["sampling"]["moe_backend"] = None if moe is None else moe["config"].get("backend", "auto")
         results[name]["checkpoint"] = str(args.checkpoint[names.index(name)])
     summary = {"tasks": tasks, "episodes_per_task": args.episodes, "split": args.split, "policies": results}
     summary["simulated_latency_ticks"] = args.simulate_latency

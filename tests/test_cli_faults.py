@@ -41,6 +41,8 @@ PROBES = {
         ["--checkpoint", "checkpoints/vla-tabletop-base", "--mode", "turbo"],
         ["--checkpoint", "checkpoints/vla-tabletop-base", "--noise-scale", "-1"],
         ["--checkpoint", "checkpoints/vla-tabletop-base", "--inference-steps", "0"],
+        ["--checkpoint", "checkpoints/vla-tabletop-base", "--moe-backend", "fastest"],
+        ["--checkpoint", "checkpoints/vla-tabletop-base", "--inference", "gpu"],
     ],
     "collect.py": [
         ["--suite", "no-such-suite", "--episodes-per-task", "1"],

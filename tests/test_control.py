@@ -301,12 +301,13 @@ def test_control_command_compares_checkpoints_in_real_time_with_offline_on_a_sui
     _tiny_policy().save_pretrained(tmp_path / "dense")
     _tiny_policy(moe=True).save_pretrained(tmp_path / "adamoe")
     args = ["--checkpoint", tmp_path / "dense", tmp_path / "adamoe", "--suite", "adamoe/Tabletop-ReachRed-v0"]
-    sampler = ["--noise-scale", "0", "--inference-steps", "2"]  # both runs sample with the same settings
+    sampler = ["--noise-scale", "0", "--inference-steps", "2", "--moe-backend", "loop"]  # both runs sample so
     proc = run_script("control.py", *args, *sampler, "--episodes", "1", "--output-dir", tmp_path / "run")
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert list(results["policies"]) == ["dense", "adamoe"]
     for name, row in results["policies"].items():
-        assert row["sampling"] == {"inference_noise_scale": 0.0, "num_inference_steps": 2}
+        backend = {"dense": None, "adamoe": "loop"}[name]
+        assert row["sampling"] == {"inference_noise_scale": 0.0, "num_inference_steps": 2, "moe_backend": backend}
         assert row["offline"]["episodes"] == row["realtime"]["episodes"] == 1
         assert row["timing"]["ticks"] > 0 and row["timing"]["jitter_p99_ms"] >= 0
         assert (tmp_path / "run" / name / "offline" / "eval_info.json").is_file()

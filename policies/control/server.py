@@ -4,9 +4,10 @@ In one process, the inference thread and the control loop share the GIL: every P
 step between the policy's kernels (an MoE policy runs hundreds of small ones per chunk)
 can hold the loop thread past its tick, and the two fight over the cores. Robot stacks
 serve the policy from a separate process (LeRobot's async inference, openpi's policy
-server); ``PolicyProcess`` does that on one machine. The control process sends the
-observation over a pipe and waits for the chunk with the GIL released, so its loop
-thread runs on time, and the policy computes on its own core with its own interpreter.
+server); ``PolicyProcess`` does that on one machine: ``python -m policies.control.server``
+reads observations on its stdin and writes chunks on its stdout. The control process
+waits for a chunk with the GIL released, so its loop thread runs on time, and the policy
+computes on its own core with its own interpreter (whatever the parent's ``__main__``).
 
 Nothing is pickled: the child loads the policy from a checkpoint (safetensors and JSON)
 the parent wrote, and observations and chunks travel as a JSON header plus raw array
@@ -16,9 +17,11 @@ bytes (``pack`` / ``unpack``).
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
+import os
 import shutil
 import struct
+import subprocess
+import sys
 import tempfile
 import threading
 import traceback
@@ -28,6 +31,7 @@ from typing import Any
 import numpy as np
 
 _HEADER = struct.Struct("<I")  # the JSON header's length in bytes
+_LENGTH = struct.Struct("<Q")  # a message's length in bytes, before it on the pipe
 _INLINE = (str, int, float, bool, type(None))
 
 
@@ -79,9 +83,33 @@ def unpack(data: bytes) -> dict[str, Any]:
     return build(tree)
 
 
-def _serve(checkpoint: str, conn: Any, torch_threads: int, seed: int) -> None:
-    """The child: load the policy, say ready, then answer every observation with a chunk
-    until the pipe closes. A failure is sent back as its message, never raised into the void."""
+def _read_message(stream: Any) -> bytes | None:
+    """One length-prefixed message from ``stream``; None at a clean end of the stream."""
+    head = stream.read(_LENGTH.size)
+    if not head:
+        return None
+    if len(head) != _LENGTH.size:
+        raise EOFError("the stream ended inside a message's length")
+    (size,) = _LENGTH.unpack(head)
+    data = stream.read(size)
+    if len(data) != size:
+        raise EOFError(f"the stream ended after {len(data)} of a message's {size} bytes")
+    return data
+
+
+def _write_message(stream: Any, data: bytes) -> None:
+    stream.write(_LENGTH.pack(len(data)))
+    stream.write(data)
+    stream.flush()
+
+
+def serve(checkpoint: str, torch_threads: int = 1, seed: int = 0) -> int:
+    """The server: load the policy, say ready, then answer every observation read from
+    stdin with a chunk on stdout until stdin closes. A failure is answered with its
+    traceback (the client raises it); the server keeps serving."""
+
+    out = sys.stdout.buffer
+    sys.stdout = sys.stderr  # a stray print must not corrupt the protocol's stream
     try:
         import torch
 
@@ -91,29 +119,30 @@ def _serve(checkpoint: str, conn: Any, torch_threads: int, seed: int) -> None:
         torch.set_num_threads(torch_threads)
         torch.manual_seed(seed)
         infer = chunk_fn(from_pretrained(checkpoint))
-        conn.send_bytes(pack({"ready": True}))
-    except BaseException:  # noqa: BLE001 (reported to the parent, which raises it)
-        conn.send_bytes(pack({"error": traceback.format_exc()}))
-        return
-    while True:
+        _write_message(out, pack({"ready": True}))
+    except BaseException:  # noqa: BLE001 (reported to the client, which raises it)
+        _write_message(out, pack({"error": traceback.format_exc()}))
+        return 1
+    stream = sys.stdin.buffer
+    while (data := _read_message(stream)) is not None:
         try:
-            request = unpack(conn.recv_bytes())
-        except (EOFError, OSError):  # the parent closed the pipe: done
-            return
-        try:
+            request = unpack(data)
             chunk = infer(request["obs"], request.get("prefix"), request.get("weights"))
-            conn.send_bytes(pack({"chunk": np.asarray(chunk, dtype=np.float32)}))
+            reply = pack({"chunk": np.asarray(chunk, dtype=np.float32)})
         except BaseException:  # noqa: BLE001
-            conn.send_bytes(pack({"error": traceback.format_exc()}))
+            reply = pack({"error": traceback.format_exc()})
+        _write_message(out, reply)
+    return 0
 
 
 class PolicyProcess:
     """``policy``'s chunk inference served by a child process: call it as the loop's chunk
     function, ``obs -> (H, action_dim)`` (with ``prefix, weights`` for real-time chunking).
 
-    The child loads a copy of the policy as it is now (written to a temporary checkpoint,
-    settings such as ``inference_noise_scale`` included) with ``torch_threads`` intra-op
-    threads. Use it as a context manager, or call ``close``."""
+    The child (``python -m policies.control.server``, talking over its stdin and stdout)
+    loads a copy of the policy as it is now, written to a temporary checkpoint (settings
+    such as ``inference_noise_scale`` included), with ``torch_threads`` intra-op threads.
+    Use it as a context manager, or call ``close``."""
 
     def __init__(self, policy: Any, torch_threads: int = 1, seed: int = 0, start_timeout_s: float = 300.0) -> None:
         if not isinstance(torch_threads, int) or isinstance(torch_threads, bool) or torch_threads < 1:
@@ -123,22 +152,26 @@ class PolicyProcess:
                 f"a {type(policy).__name__} cannot be served: it needs save_pretrained and predict_action_chunk"
             )
         self._dir = Path(tempfile.mkdtemp(prefix="policy-process-"))
-        self._proc = None
-        self._conn = None
+        self._proc: subprocess.Popen | None = None
         # One request at a time, each answered in order: a call abandoned by the loop (its
         # episode ended mid-inference) still takes its own reply before the next call sends.
         self._lock = threading.Lock()
         try:
             policy.save_pretrained(self._dir / "policy")
-            ctx = mp.get_context("spawn")  # a fresh interpreter: no forked threads or locks
-            self._conn, child = ctx.Pipe()
-            args = (str(self._dir / "policy"), child, torch_threads, seed)
-            self._proc = ctx.Process(target=_serve, args=args, name="policy-server", daemon=True)
-            self._proc.start()
-            child.close()
-            if not self._conn.poll(start_timeout_s):
-                raise TimeoutError(f"the policy process did not start within {start_timeout_s:g} s")
-            reply = self._receive()
+            root = str(Path(__file__).resolve().parents[2])
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+            command = [sys.executable, "-m", "policies.control.server", str(self._dir / "policy")]
+            command += ["--torch-threads", str(torch_threads), "--seed", str(seed)]
+            self._proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+            ready = threading.Event()
+            watchdog = threading.Timer(start_timeout_s, lambda: None if ready.is_set() else self._proc.kill())
+            watchdog.daemon = True
+            watchdog.start()
+            try:
+                reply = self._receive()
+            finally:
+                ready.set()
+                watchdog.cancel()
             if not reply.get("ready"):
                 raise RuntimeError(f"the policy process sent {sorted(reply)} instead of 'ready'")
         except BaseException:
@@ -151,33 +184,43 @@ class PolicyProcess:
             request.update(prefix=np.asarray(prefix, np.float32), weights=np.asarray(weights, np.float32))
         message = pack(request)
         with self._lock:
-            if self._conn is None:
+            if self._proc is None:
                 raise RuntimeError("this PolicyProcess is closed")
-            self._conn.send_bytes(message)
+            try:
+                _write_message(self._proc.stdin, message)
+            except (BrokenPipeError, OSError) as exc:
+                raise RuntimeError(f"the policy process ended (exit code {self._proc.poll()})") from exc
             return self._receive()["chunk"]
 
     def _receive(self) -> dict[str, Any]:
         try:
-            reply = unpack(self._conn.recv_bytes())
-        except (EOFError, OSError) as exc:
-            code = None if self._proc is None else self._proc.exitcode
-            raise RuntimeError(f"the policy process ended (exit code {code})") from exc
+            data = _read_message(self._proc.stdout)
+        except (EOFError, OSError, ValueError) as exc:
+            data, cause = None, exc
+        else:
+            cause = None
+        if data is None:
+            raise RuntimeError(f"the policy process ended (exit code {self._proc.wait()})") from cause
+        reply = unpack(data)
         if "error" in reply:
             raise RuntimeError(f"the policy process failed:\n{reply['error']}")
         return reply
 
     def close(self) -> None:
-        """Stop the child (it ends when its pipe closes; killed if it does not within 5 s)
+        """Stop the child (it ends when its stdin closes; killed if it does not within 5 s)
         and delete the temporary checkpoint."""
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-        if self._proc is not None:
-            self._proc.join(timeout=5.0)
-            if self._proc.is_alive():
-                self._proc.kill()
-                self._proc.join()
-            self._proc = None
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                proc.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> PolicyProcess:
@@ -185,3 +228,14 @@ class PolicyProcess:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Serve a policy checkpoint's chunks over stdin and stdout.")
+    parser.add_argument("checkpoint")
+    parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    raise SystemExit(serve(args.checkpoint, args.torch_threads, args.seed))
