@@ -8,7 +8,6 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-import torch
 
 import envs  # noqa: F401  (registers the env ids)
 from envs.ids import is_tabletop, task_env_id, task_name
@@ -17,7 +16,7 @@ from policies.control.clock import RealClock, SimClock
 from policies.control.config import ControlConfig
 from policies.control.loop import ControlLoop, stop_on_interrupt
 from policies.control.robot import MujocoRobot
-from policies.control.server import PolicyProcess
+from policies.control.server import PolicyProcess, chunk_fn
 from policies.control.telemetry import ControlResult
 
 # The tabletop's action: gripper displacement (dx, dy, dz) and the gripper command; a safe
@@ -26,21 +25,6 @@ TABLETOP_MOTION_DIMS = (0, 1, 2)
 # Where chunk inference runs: "thread", a thread of the control process (the loop and the
 # policy share its interpreter); "process", a child process of its own (policies.control.server).
 INFERENCE = ("thread", "process")
-
-
-def chunk_fn(policy: Any):
-    """``obs -> (H, action_dim)`` for a policy with ``predict_action_chunk`` (the VLA)."""
-
-    def infer(obs: dict[str, Any], prefix: np.ndarray | None = None, weights: np.ndarray | None = None) -> np.ndarray:
-        batch = policy.batch_from_observation(obs)
-        with torch.inference_mode():
-            if prefix is None:
-                chunk = policy.predict_action_chunk(batch)
-            else:  # real-time chunking: continue the planned actions
-                chunk = policy.predict_action_chunk(batch, prefix=prefix, prefix_weights=weights)
-        return chunk[0].cpu().numpy()
-
-    return infer
 
 
 def make_robot(
@@ -78,7 +62,7 @@ def run_policy(
     policy.eval()
     server = None
     try:
-        server = PolicyProcess(policy, seed=seed) if inference == "process" else None
+        server = PolicyProcess(policy) if inference == "process" else None
         loop = ControlLoop(robot, server or chunk_fn(policy), config, clock)
         with stop_on_interrupt(loop):  # Ctrl-C: a safe stop, and the summary is still written
             return loop.run(seed=seed)
@@ -128,7 +112,7 @@ def run_episodes(
         clock = SimClock
     ids = resolve_env_ids(tasks)
     policy.eval()
-    server = PolicyProcess(policy, seed=seed) if inference == "process" else None
+    server = PolicyProcess(policy) if inference == "process" else None  # sampling seeded as here
     try:
         return _run_episodes(
             policy, ids, episodes_per_task, config, seed, instruction_split, progress, clock, max_episode_steps,
