@@ -22,7 +22,7 @@ checkpoint's ``<name>/realtime.json`` and ``<name>/offline/eval_info.json``.
 noise, 0 for deterministic chunks, and its flow steps per chunk) for both runs, and
 ``--moe-backend`` its MoE layers' dispatch.
 ``--inference process`` serves the policy from a process of its own (``policies.control.server``),
-so inference neither holds the loop's interpreter nor shares its core.
+so inference never holds the loop's interpreter.
 """
 
 from __future__ import annotations

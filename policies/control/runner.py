@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -60,21 +61,29 @@ def run_policy(
     if config.n_action_steps is None and hasattr(policy.config, "n_action_steps"):
         config.n_action_steps = policy.config.n_action_steps
     policy.eval()
-    server = None
     try:
-        server = PolicyProcess(policy) if inference == "process" else None
-        loop = ControlLoop(robot, server or chunk_fn(policy), config, clock)
-        with stop_on_interrupt(loop):  # Ctrl-C: a safe stop, and the summary is still written
-            return loop.run(seed=seed)
+        with _chunks(policy, inference) as infer:
+            loop = ControlLoop(robot, infer, config, clock)
+            with stop_on_interrupt(loop):  # Ctrl-C: a safe stop, and the summary is still written
+                return loop.run(seed=seed)
     finally:
         robot.close()
-        if server is not None:
-            server.close()
 
 
 def _check_inference(inference: str) -> None:
     if inference not in INFERENCE:
         raise ValueError(f"inference={inference!r} is not one of {INFERENCE}")
+
+
+@contextmanager
+def _chunks(policy: Any, inference: str) -> Iterator[Callable[..., np.ndarray]]:
+    """The loop's chunk function: ``policy`` in this process, or served from a process of
+    its own (ended on leaving; its sampling seeded from torch's seed here)."""
+    if inference == "thread":
+        yield chunk_fn(policy)
+        return
+    with PolicyProcess(policy) as served:
+        yield served
 
 
 def run_episodes(
@@ -112,19 +121,16 @@ def run_episodes(
         clock = SimClock
     ids = resolve_env_ids(tasks)
     policy.eval()
-    server = PolicyProcess(policy) if inference == "process" else None  # sampling seeded as here
-    try:
+    with _chunks(policy, inference) as chunks:
         return _run_episodes(
-            policy, ids, episodes_per_task, config, seed, instruction_split, progress, clock, max_episode_steps,
-            simulated_latency_s, server,
+            policy, chunks, ids, episodes_per_task, config, seed, instruction_split, progress, clock,
+            max_episode_steps, simulated_latency_s, inference,
         )  # fmt: skip
-    finally:
-        if server is not None:
-            server.close()
 
 
 def _run_episodes(
     policy: Any,
+    chunks: Callable[..., np.ndarray],
     ids: list[str],
     episodes_per_task: int,
     config: ControlConfig,
@@ -134,11 +140,10 @@ def _run_episodes(
     clock: Callable[[], RealClock | SimClock],
     max_episode_steps: int | None,
     simulated_latency_s: float | None,
-    server: PolicyProcess | None,
+    inference: str,
 ) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    inference = "thread" if server is None else "process"
     episodes, jitter, latency = [], [], []
     bar = tqdm(total=len(ids) * episodes_per_task, desc="real time", unit="ep", disable=not progress)
     for task_index, env_id in enumerate(ids):
@@ -157,7 +162,7 @@ def _run_episodes(
                 episode_config.n_action_steps = policy.config.n_action_steps  # sync: as offline evaluation
             episode_seed = seed + 1000 * task_index + i
             try:
-                infer = server or chunk_fn(policy)
+                infer = chunks
                 if simulated_latency_s is not None:
                     infer = _taking(infer, episode_clock, simulated_latency_s)
                 loop = ControlLoop(robot, infer, episode_config, episode_clock)
