@@ -207,6 +207,68 @@ def test_the_mujoco_robot_keeps_moving_with_the_clock_while_the_policy_is_silent
     robot.close()
 
 
+class _HandClock:
+    """Time that moves only when the test sets it."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+
+class _StepLog(gym.Wrapper):
+    """Records the action of every env step."""
+
+    def __init__(self, env: gym.Env) -> None:
+        super().__init__(env)
+        self.actions: list[np.ndarray] = []
+
+    def step(self, action):
+        self.actions.append(np.asarray(action).copy())
+        return self.env.step(action)
+
+
+@pytest.mark.parametrize("first_tick_s", [0.0, 0.013, 0.0195])
+def test_an_aligned_robot_steps_on_the_ticks_as_offline_evaluation_does(first_tick_s):
+    """However long the first inference took, tick k observes the state after exactly k
+    steps, and the command it sends (a little later in the tick) drives step k: observation,
+    action, step, as offline. Unaligned, a step boundary that falls between a tick's
+    observation and its command shifts every command by a step."""
+    rng = np.random.default_rng(0)
+    clock = _HandClock()
+    log = _StepLog(gym.make("adamoe/Tabletop-ReachRed-v0", cameras=()))
+    robot = MujocoRobot(log, clock)
+    robot.reset(seed=0)
+    clock.t = first_tick_s
+    robot.align(first_tick_s)
+    commands = []
+    for k in range(25):
+        clock.t = first_tick_s + k * PERIOD + rng.uniform(0, 3e-4)  # the tick fires a little late
+        robot.observe()
+        assert robot.steps == k
+        clock.t += 0.0015  # the tick's own work before it commands
+        commands.append(rng.uniform(-1, 1, 4).astype(np.float32))
+        robot.act(commands[-1])
+    np.testing.assert_array_equal(np.stack(log.actions), np.stack(commands[:24]))
+    with pytest.raises(ValueError, match="finite"):
+        robot.align(float("nan"))
+    robot.close()
+
+
+def test_the_loop_aligns_a_simulated_robot_with_its_first_tick():
+    clock = SimClock()
+    robot = MujocoRobot(gym.make("adamoe/Tabletop-ReachRed-v0", cameras=()), clock)
+    aligned = []
+    original = robot.align
+    robot.align = lambda t0: (aligned.append(t0), original(t0))[1]
+    policy = FakePolicy(clock, latency=0.013)  # the first chunk takes 13 ms before tick 0
+    result = ControlLoop(robot, policy, ControlConfig(rate_hz=50, mode="async", max_ticks=30), clock).run(seed=0)
+    assert aligned == [pytest.approx(0.013)]
+    assert result.summary["ticks"] == 30 and robot.steps == 29  # tick k saw k steps; the last command is pending
+    robot.close()
+
+
 def test_a_real_clock_run_uses_a_background_worker_and_keeps_its_schedule():
     import time
 

@@ -137,6 +137,8 @@ class ControlLoop:
         if pause_gc:
             gc.disable()
         run.t0 = run.last_fresh = clock.now()
+        if (align := getattr(self.robot, "align", None)) is not None:
+            align(run.t0)  # a simulated robot steps its physics on the ticks (MujocoRobot.align)
         if primed is not None:
             run.tel.chunk(submitted=primed[0] - run.t0, finished=primed[1] - run.t0, obs_tick=0, dropped=0)
         try:
