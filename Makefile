@@ -35,11 +35,11 @@ experiment: setup
 	$(PY) scripts/experiment.py
 
 # The demo's fine-tuned dense and AdaMoE policies at 50 Hz in real time, beside offline success
-# (the same sampler both ways): each policy served from its own process, 4 flow steps from
+# (the same sampler both ways): each policy served from its own process, 2 flow steps from
 # zero noise, a new chunk every two ticks (docs/main-job.md, "In real time").
 realtime: setup
 	$(PY) scripts/control.py --checkpoint outputs/demo/checkpoints/dense outputs/demo/checkpoints/adamoe \
-		--suite tabletop-long --episodes 10 --inference process --inference-steps 4 --noise-scale 0 \
+		--suite tabletop-long --episodes 20 --inference process --inference-steps 2 --noise-scale 0 \
 		--threshold 8 --moe-backend loop --output-dir outputs/realtime
 
 dt-merge: setup
